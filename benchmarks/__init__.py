@@ -1,0 +1,1 @@
+"""Latency, RTF and memory benchmarks per hardware profile."""

@@ -1,0 +1,1 @@
+"""Hardware detection and per-device profiles (providers, threads, precisions, chunk sizes)."""

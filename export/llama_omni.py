@@ -1,0 +1,203 @@
+"""`omnilite export` for LLaMA-Omni: checkpoint -> bundle, every stage checked against PyTorch.
+
+Stages: encoder.onnx (Whisper encoder + adapter, dynamic length), llm.gguf (Llama + tokenizer),
+speech_generator.onnx (CTC decoder step with KV cache), unit_duration.onnx + vocoder.onnx
+(unit HiFi-GAN split for streaming). The bundle is built in a temporary directory and renamed
+into place only when every stage is written and its parity measured, so a failed export leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from omnilite import __version__
+from omnilite.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from omnilite.runtime.errors import OmniliteError
+
+from .checkpoint import LlamaOmniCheckpoint
+from .ctc_generator import CachedCTCStep
+from .gguf_llm import write_llama_gguf
+from .onnx_export import export_onnx, io_shapes
+from .parity import measure_parity
+from .prompt import SYSTEM_PROMPT, USER_INSTRUCTION
+from .reference import ReferencePipeline
+from .unit_vocoder import FrameVocoder, UnitDuration, duration_receptive_field, receptive_field_frames
+
+log = logging.getLogger(__name__)
+
+FAMILY = "llama-omni"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    llm_dtype: str = "f32"  # "f32" or "f16" GGUF weights
+    omega: int = 10  # text tokens per speech-generator chunk (the paper's default)
+    parity: bool = True
+    strict_parity: bool = True  # refuse to write a bundle whose stage misses its threshold
+    overwrite: bool = False
+    progress: bool = True
+
+
+def export_llama_omni(checkpoint: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
+                      speech_encoder: str | Path | None = None, vocoder: str | Path | None = None) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not options.overwrite:
+        raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass --force.")
+    if options.llm_dtype not in ("f32", "f16"):
+        raise OmniliteError(f"LLM dtype {options.llm_dtype!r} is not supported; use f32 or f16.")
+    ckpt = LlamaOmniCheckpoint.open(checkpoint, speech_encoder, vocoder)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _build(ckpt, tmp, options)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(ckpt: LlamaOmniCheckpoint, tmp: Path, options: ExportOptions) -> None:
+    steps = tqdm(total=6, desc="export", unit="step", disable=not options.progress)
+
+    def step(name: str) -> None:
+        steps.set_postfix_str(name)
+        log.info("export: %s", name)
+
+    step("reference")
+    ref = ReferencePipeline(ckpt)
+    steps.update()
+
+    step("encoder.onnx")
+    export_onnx(ref.encoder, (torch.zeros(1, ref.n_mels, 3000),), tmp / "encoder.onnx",
+                {"mel": {2: "mel_frames"}}, {"speech_embeds": {1: "speech_positions"}})
+    steps.update()
+
+    step("llm.gguf")
+    write_llama_gguf(ckpt.llm_tensors(), ckpt.config, ckpt.model_dir, tmp / "llm.gguf", dtype=options.llm_dtype,
+                     name=ckpt.model_dir.name, progress=options.progress)
+    steps.update()
+
+    step("speech_generator.onnx")
+    gen = ref.generator.config
+    head_dim = gen.hidden_size // gen.num_attention_heads
+    empty = torch.zeros(gen.num_hidden_layers, 1, gen.num_attention_heads, 0, head_dim)
+    cache = {3: "past_positions"}
+    export_onnx(CachedCTCStep(ref.generator), (torch.zeros(1, 2, ckpt.config["hidden_size"]), empty, empty),
+                tmp / "speech_generator.onnx",
+                {"hidden": {1: "new_tokens"}, "past_key": cache, "past_value": cache},
+                {"frame_units": {1: "new_positions"}, "present_key": {3: "positions"}, "present_value": {3: "positions"}})
+    steps.update()
+
+    step("vocoder.onnx")
+    export_onnx(UnitDuration(ref.vocoder), (torch.zeros(1, 8, dtype=torch.long),), tmp / "unit_duration.onnx",
+                {"units": {1: "units"}}, {"durations": {1: "units"}})
+    export_onnx(FrameVocoder(ref.vocoder), (torch.zeros(1, 8, dtype=torch.long),), tmp / "vocoder.onnx",
+                {"frame_units": {1: "frames"}}, {"audio": {1: "samples"}})
+    steps.update()
+
+    manifest = _manifest(ckpt, ref, tmp, options)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if options.parity:
+        step("parity")
+        manifest["parity"] = report = measure_parity(ref, tmp, omega=options.omega)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        failed = [k for k, v in report.items() if isinstance(v, dict) and not v.get("ok", True)]
+        if failed and options.strict_parity:
+            raise OmniliteError(
+                f"exported stage(s) {', '.join(failed)} differ from the PyTorch reference beyond tolerance "
+                f"({json.dumps({k: report[k] for k in failed})}); no bundle was written (pass --no-strict to keep it)."
+            )
+        for k in failed:
+            log.warning("parity: stage %s misses its threshold: %s", k, report[k])
+    steps.update()
+    steps.close()
+
+
+def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, options: ExportOptions) -> dict:
+    gen = ref.generator.config
+    precision = {"llm.gguf": options.llm_dtype}
+    stages = []
+    for name, file in (("encoder", "encoder.onnx"), ("llm", "llm.gguf"), ("speech_generator", "speech_generator.onnx"),
+                       ("unit_duration", "unit_duration.onnx"), ("vocoder", "vocoder.onnx")):
+        fmt = "gguf" if file.endswith(".gguf") else "onnx"
+        inputs, outputs = io_shapes(tmp / file) if fmt == "onnx" else ({"tokens_or_embeddings": ["n", ckpt.config["hidden_size"]]}, {"logits_and_hidden": ["n", "vocab+hidden"]})
+        stages.append({"name": name, "file": file, "format": fmt, "precision": precision.get(file, "fp32"),
+                       "sha256": sha256_file(tmp / file), "inputs": inputs, "outputs": outputs})
+    c = ckpt.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": FAMILY,
+        "created_by": f"omnilite {__version__}",
+        "source": {
+            "model_dir": str(ckpt.model_dir.resolve()),
+            "speech_encoder": str(ckpt.encoder_path.resolve()),
+            "vocoder": str(ckpt.vocoder_dir.resolve()),
+            "model_type": c["model_type"],
+            "hidden_size": c["hidden_size"],
+            "num_hidden_layers": c["num_hidden_layers"],
+            "whisper_dims": ckpt.whisper_dims,
+            "ctc_decoder_config": c.get("ctc_decoder_config"),
+        },
+        "audio": {"input_sample_rate": 16000, "output_sample_rate": int(ckpt.vocoder_config.get("sampling_rate", 16000))},
+        "encoder": {
+            "n_mels": ref.n_mels,
+            "mode": "exact",
+            "modes": {"exact": "pad or trim to 30 s, as the model was trained (1500 encoder frames)",
+                      "unpadded": "encode the real length only (fewer speech positions; outputs drift from exact)"},
+            "max_mel_frames": 2 * ckpt.whisper_dims["n_audio_ctx"],
+            "frames_per_position": 2 * c.get("speech_encoder_ds_rate", 5),
+        },
+        "llm": {
+            "n_embd": c["hidden_size"],
+            "eos_ids": sorted(ref.eos_ids),
+            "prompt": {"prefix_ids": ref.prompt.prefix_ids, "suffix_ids": ref.prompt.suffix_ids,
+                       "system": SYSTEM_PROMPT, "user": USER_INSTRUCTION, "template": "llama_3"},
+            "max_context": int(c.get("tokenizer_model_max_length", 2048)),
+        },
+        "speech_generator": {
+            "upsample_factor": int(c.get("ctc_upsample_factor", 25)),
+            "blank": int(c.get("unit_vocab_size", 1000)),
+            "layers": gen.num_hidden_layers,
+            "heads": gen.num_attention_heads,
+            "head_dim": gen.hidden_size // gen.num_attention_heads,
+        },
+        "vocoder": {
+            "hop": ref.vocoder.hop,
+            "sample_rate": int(ckpt.vocoder_config.get("sampling_rate", 16000)),
+            "receptive_field_frames": receptive_field_frames(ckpt.vocoder_config),
+            "duration_receptive_field": duration_receptive_field(ckpt.vocoder_config),
+        },
+        "streaming": {"omega": options.omega},
+        "parity": {},
+    }
+
+
+def export_tiny_demo_bundle(work: Path, progress: bool = True) -> Path:
+    """Used by `omnilite demo`: make (or reuse) the tiny checkpoint and its bundle under `work`."""
+    from .tiny import make_tiny_llama_omni
+
+    ckpt, bundle = work / "tiny-llama-omni", work / "tiny-llama-omni-bundle"
+    if not (ckpt / "Llama-3.1-8B-Omni" / "config.json").exists():
+        make_tiny_llama_omni(ckpt, overwrite=True)
+    if not (bundle / MANIFEST).exists():
+        export_llama_omni(ckpt, bundle, ExportOptions(overwrite=True, progress=progress))
+    return bundle

@@ -1,0 +1,3 @@
+from omnilite.cli import main
+
+raise SystemExit(main())

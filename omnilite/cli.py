@@ -1,0 +1,197 @@
+"""The `omnilite` command line.
+
+Every user-fixable problem ends with one sentence on stderr and exit status 2. Export-side
+commands import torch lazily, so `omnilite run` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omnilite import __version__
+
+FAMILIES = ("llama-omni",)
+DEMO_QUESTION = Path(__file__).parent / "data" / "question.wav"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("OMNILITE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "omnilite")
+    return Path(base)
+
+
+def _print_timings(timings: dict[str, float], calls: dict[str, int] | None = None) -> None:
+    stages = [k for k in ("resample", "mel", "encoder", "llm_prefill", "llm_decode", "speech_generator", "vocoder") if k in timings]
+    busy = sum(timings[k] for k in stages) or 1.0
+    print(f"{'stage':<18}{'ms':>10}{'calls':>7}{'share':>8}")
+    for k in stages:
+        print(f"{k:<18}{timings[k] * 1000:>10.1f}{(calls or {}).get(k, 1):>7}{timings[k] / busy:>8.1%}")
+    for k, label in (("ttft", "TTFT"), ("ttfa", "TTFA"), ("total", "total")):
+        if k in timings:
+            print(f"{label:<18}{timings[k] * 1000:>10.1f}")
+    if "rtf" in timings:
+        print(f"{'RTF':<18}{timings['rtf']:>10.3f}")
+
+
+def _respond_to_file(bundle: Path, wav_in: Path, wav_out: Path, text_out: Path | None, args) -> dict:
+    from omnilite.runtime import Done, PipelineConfig, TextDelta, Timing, Pipeline
+    from omnilite.runtime.audio import atomic_write_bytes, read_wav, write_wav
+
+    audio, rate = read_wav(wav_in)
+    config = PipelineConfig(
+        encoder_mode=args.encoder_mode, omega=args.omega, max_new_tokens=args.max_new_tokens,
+        ignore_eos=args.ignore_eos, threads=args.threads,
+    )
+    calls: dict[str, int] = {}
+    with Pipeline.load(bundle, config) as pipe:
+        print("reply: ", end="", flush=True)
+        for event in pipe.respond(audio, rate):
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, Timing):
+                calls[event.stage] = event.calls
+            elif isinstance(event, Done):
+                done = event
+    print()
+    write_wav(wav_out, done.audio, done.sample_rate)
+    if text_out:
+        atomic_write_bytes(text_out, (done.text + "\n").encode())
+    print(f"wrote {wav_out} ({len(done.audio) / done.sample_rate:.2f} s at {done.sample_rate} Hz, "
+          f"{len(done.tokens)} tokens, {len(done.units)} units)" + (f" and {text_out}" if text_out else ""))
+    _print_timings(done.timings, calls)
+    return done.timings
+
+
+def cmd_make_tiny(args) -> int:
+    from omnilite.export.tiny import make_tiny_llama_omni
+
+    model_dir = make_tiny_llama_omni(Path(args.out), shape=args.shape, seed=args.seed, overwrite=args.force)
+    print(f"wrote a {args.shape} {args.family} checkpoint with random weights to {args.out} (model dir {model_dir})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from omnilite.export.llama_omni import ExportOptions, export_llama_omni
+
+    options = ExportOptions(llm_dtype=args.llm_dtype, omega=args.omega, parity=not args.no_parity,
+                            strict_parity=not args.no_strict, overwrite=args.force)
+    out = export_llama_omni(args.checkpoint, args.out, options, args.speech_encoder, args.vocoder)
+    _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))
+    print(f"wrote bundle {out}")
+    return 0
+
+
+def _print_parity(parity: dict) -> None:
+    for stage, rep in parity.items():
+        if isinstance(rep, dict):
+            fields = ", ".join(f"{k}={v}" for k, v in rep.items() if k != "ok")
+            print(f"  parity {stage:<17} {'ok  ' if rep.get('ok') else 'FAIL'} {fields}")
+
+
+def cmd_info(args) -> int:
+    from omnilite.runtime.bundle import load_bundle
+
+    b = load_bundle(args.bundle, verify=not args.no_verify)
+    print(f"bundle {b.path}: family {b.family}, format {b['format_version']}, {b['created_by']}")
+    for s in b.stages.values():
+        size = (b.path / s.file).stat().st_size / 2**20
+        print(f"  {s.name:<17} {s.file:<24} {s.format:<5} {s.precision:<5} {size:8.1f} MiB")
+    _print_parity(b.manifest.get("parity", {}))
+    return 0
+
+
+def cmd_run(args) -> int:
+    _respond_to_file(Path(args.bundle), Path(args.input), Path(args.output), Path(args.text_output) if args.text_output else None, args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from omnilite.export.llama_omni import export_tiny_demo_bundle
+
+    work = Path(args.work_dir) if args.work_dir else _cache_dir() / "demo"
+    print("omnilite demo: the tiny LLaMA-Omni model has RANDOM weights, so its reply is babble "
+          "(text and audio); the point is the full path and its timings.")
+    bundle = export_tiny_demo_bundle(work)
+    out_dir = Path(args.out_dir)
+    question = Path(args.input) if args.input else DEMO_QUESTION
+    print(f"bundle: {bundle}\nquestion: {question}")
+    _respond_to_file(bundle, question, out_dir / "reply.wav", out_dir / "reply.txt", args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omnilite", description="Speech-in, speech-out models on edge hardware.")
+    p.add_argument("--version", action="version", version=f"omnilite {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-tiny", help="write a checkpoint in the official layout with random weights")
+    s.add_argument("family", choices=FAMILIES)
+    s.add_argument("out")
+    s.add_argument("--shape", choices=("tiny", "real"), default="tiny", help="'real' writes the released dimensions (about 17 GB)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(func=cmd_make_tiny)
+
+    s = sub.add_parser("export", help="export a downloaded checkpoint to a bundle, checking parity")
+    s.add_argument("checkpoint", help="the HF model dir (or the dir that holds it, models/ and vocoder/)")
+    s.add_argument("out")
+    s.add_argument("--speech-encoder", help="Whisper large-v3.pt (default: models/speech_encoder/large-v3.pt next to the model dir)")
+    s.add_argument("--vocoder", help="unit vocoder dir with g_00500000 and config.json (default: vocoder/ next to the model dir)")
+    s.add_argument("--llm-dtype", choices=("f32", "f16"), default="f32")
+    s.add_argument("--omega", type=int, default=10, help="text tokens per speech-generator chunk")
+    s.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
+    s.add_argument("--no-strict", action="store_true", help="keep the bundle even if a stage misses its parity threshold")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(func=cmd_export)
+
+    def add_run_options(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--encoder-mode", choices=("exact", "unpadded"), default="exact")
+        s.add_argument("--omega", type=int, default=None, help="text tokens per speech chunk (default: the bundle's)")
+        s.add_argument("--max-new-tokens", type=int, default=256)
+        s.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+        s.add_argument("--threads", type=int, default=None)
+
+    s = sub.add_parser("run", help="answer a spoken question from a WAV file")
+    s.add_argument("bundle")
+    s.add_argument("--input", required=True, help="question WAV (any rate, mono or stereo)")
+    s.add_argument("--output", required=True, help="reply WAV to write")
+    s.add_argument("--text-output", help="also write the reply text here")
+    add_run_options(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="tiny model end to end: make, export, answer the bundled question")
+    s.add_argument("--work-dir", help="where the tiny checkpoint and bundle are cached (default ~/.cache/omnilite/demo)")
+    s.add_argument("--out-dir", default="omnilite-demo", help="where reply.wav and reply.txt go")
+    s.add_argument("--input", help="question WAV (default: the bundled question)")
+    add_run_options(s)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("info", help="show a bundle's stages and parity report")
+    s.add_argument("bundle")
+    s.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    s.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from omnilite.runtime.errors import OmniliteError
+
+    try:
+        return args.func(args)
+    except OmniliteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

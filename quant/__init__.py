@@ -1,0 +1,1 @@
+"""INT8 / INT4 quantization of bundle stages and their accuracy reports."""

@@ -1,0 +1,147 @@
+"""Audio input/output without heavy dependencies: WAV read/write, mono mix-down, resampling.
+
+WAV is parsed directly (PCM 8/16/24/32-bit, IEEE float 32/64, WAVE_FORMAT_EXTENSIBLE) so that a
+corrupt or non-audio file gets one clear sentence instead of a library traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AudioError
+
+_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+
+
+def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read a WAV file as float32 of shape (frames, channels) and its sample rate."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AudioError(f"{path}: no such file; pass the path of a WAV file.") from None
+    except OSError as e:
+        raise AudioError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions.") from None
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise AudioError(f"{path} is not a WAV file (no RIFF/WAVE header); convert it to WAV, e.g. `sox in.mp3 out.wav`.")
+    fmt = None
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = data[pos + 8:pos + 8 + size]
+        if cid == b"fmt ":
+            if len(body) < 16:
+                break
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+            if tag == _EXTENSIBLE and len(body) >= 26:
+                tag = struct.unpack("<H", body[24:26])[0]
+            fmt = (tag, channels, rate, bits)
+        elif cid == b"data":
+            if fmt is None:
+                break
+            return _decode(path, body, *fmt)
+        pos += 8 + size + (size & 1)
+    raise AudioError(f"{path} is a damaged WAV file (missing fmt or data chunk); re-export the audio as WAV.")
+
+
+def _decode(path: Path, body: bytes, tag: int, channels: int, rate: int, bits: int) -> tuple[np.ndarray, int]:
+    if channels < 1 or rate < 1:
+        raise AudioError(f"{path} declares {channels} channels at {rate} Hz; re-export the audio as WAV.")
+    width = bits // 8
+    usable = len(body) - len(body) % (width * channels) if width else 0
+    raw = body[:usable]
+    if tag == _PCM and bits == 8:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif tag == _PCM and bits == 16:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif tag == _PCM and bits == 24:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
+    elif tag == _PCM and bits == 32:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+    elif tag == _FLOAT and bits in (32, 64):
+        x = np.frombuffer(raw, "<f4" if bits == 32 else "<f8").astype(np.float32)
+    else:
+        raise AudioError(f"{path} uses an unsupported WAV encoding (format {tag}, {bits}-bit); convert it to 16-bit PCM WAV.")
+    return x.reshape(-1, channels), rate
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
+    """Write mono float audio as 16-bit PCM WAV, atomically (temp file + rename)."""
+    path = Path(path)
+    pcm = (np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    header = b"RIFF" + struct.pack("<I", 36 + pcm.nbytes) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, _PCM, 1, sample_rate, sample_rate * 2, 2, 16)
+    header += b"data" + struct.pack("<I", pcm.nbytes)
+    atomic_write_bytes(path, header + pcm.tobytes())
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_mono(audio: np.ndarray) -> np.ndarray:
+    """(frames,) or (frames, channels) -> (frames,) float32, channels averaged."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 2:
+        return audio.mean(axis=1, dtype=np.float32)
+    if audio.ndim != 1:
+        raise AudioError(f"audio has shape {audio.shape}; pass a 1-D array or (frames, channels).")
+    return audio
+
+
+def resample(audio: np.ndarray, src_rate: int, dst_rate: int, *, taps_per_side: int = 32) -> np.ndarray:
+    """Band-limited resampling with a Kaiser-windowed sinc (polyphase, exact rational ratio)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if src_rate == dst_rate or audio.size == 0:
+        return audio
+    g = gcd(src_rate, dst_rate)
+    up, down = dst_rate // g, src_rate // g
+    cutoff = min(1.0, up / down)  # of the input Nyquist: anti-alias when downsampling
+    beta = 8.6
+    # Output n sits at input time n*down/up; the fractional part repeats with period `up`,
+    # so one filter per phase covers every output sample.
+    frac = (np.arange(up) * down % up) / up
+    k = np.arange(-taps_per_side + 1, taps_per_side + 1)
+    x = k[None, :] - frac[:, None]
+    window = np.i0(beta * np.sqrt(np.clip(1.0 - (x / taps_per_side) ** 2, 0.0, 1.0))) / np.i0(beta)
+    filters = cutoff * np.sinc(cutoff * x) * window
+    padded = np.pad(audio.astype(np.float64), (taps_per_side, taps_per_side + 1))
+    n = np.arange((audio.size * up) // down)
+    base = (n * down) // up + taps_per_side
+    phase = n % up
+    out = np.empty(n.size, dtype=np.float64)
+    block = 16384  # bounds the temporary (block x taps) gather
+    for s in range(0, n.size, block):
+        idx = base[s:s + block, None] + k[None, :]
+        out[s:s + block] = np.einsum("ij,ij->i", padded[idx], filters[phase[s:s + block]])
+    return out.astype(np.float32)
+
+
+def prepare_speech(audio: np.ndarray, sample_rate: int, target_rate: int, *, source: str = "audio") -> np.ndarray:
+    """Mono float32 at target_rate; refuses empty, non-finite and silent-only input."""
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise AudioError(f"{source}: sample rate {sample_rate!r} is invalid; pass the rate in Hz, e.g. 16000.")
+    mono = to_mono(audio)
+    if mono.size == 0:
+        raise AudioError(f"{source} is empty; record at least a short spoken question.")
+    if not np.isfinite(mono).all():
+        raise AudioError(f"{source} contains NaN or infinite samples; check the recording.")
+    if float(np.max(np.abs(mono))) < 1e-4:
+        raise AudioError(f"{source} is silent (peak below -80 dBFS); check the microphone or the file.")
+    return resample(mono, int(sample_rate), target_rate)

@@ -1,0 +1,40 @@
+"""ONNX Runtime sessions with clear errors and explicit providers/threads."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import BundleError, DeviceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 0  # 0: let onnxruntime decide
+    extra: dict = field(default_factory=dict)
+
+
+def open_session(path: Path, options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
+    available = ort.get_available_providers()
+    missing = [p for p in options.providers if p not in available]
+    if missing and not any(p in available for p in options.providers):
+        raise DeviceError(
+            f"none of the requested execution providers {list(options.providers)} is available "
+            f"(installed: {available}); install the matching onnxruntime package or use CPUExecutionProvider."
+        )
+    for p in missing:
+        log.warning("execution provider %s is not installed; falling back to %s", p, [q for q in options.providers if q in available])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=[p for p in options.providers if p in available])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a bad model file
+        raise BundleError(f"{path} cannot be loaded by onnxruntime ({type(e).__name__}); re-export the bundle.") from None

@@ -46,25 +46,33 @@ class SafetensorsDir(Mapping):
         self.dir = model_dir
         index = model_dir / "model.safetensors.index.json"
         if index.exists():
-            self.where = dict(json.loads(index.read_text())["weight_map"])
+            self.listed = dict(json.loads(index.read_text())["weight_map"])
         elif (model_dir / "model.safetensors").exists():
-            with safe_open(model_dir / "model.safetensors", "pt") as f:
-                self.where = {k: "model.safetensors" for k in f.keys()}
+            self.listed = {}
         else:
             raise CheckpointError(
                 f"{model_dir} has no model.safetensors or model.safetensors.index.json; "
                 "download the complete model directory."
             )
-        for shard in sorted(set(self.where.values())):
+        shards = sorted(set(self.listed.values())) or ["model.safetensors"]
+        self.where: dict[str, str] = {}
+        for shard in shards:
             if not (model_dir / shard).exists():
                 raise CheckpointError(f"{model_dir / shard} is missing (listed in the index); download it again.")
+            try:
+                with safe_open(model_dir / shard, "pt") as f:  # reads the header only
+                    self.where.update({k: shard for k in f.keys()})
+            except Exception as e:  # noqa: BLE001 - a damaged header surfaces as several error types
+                raise CheckpointError(f"{model_dir / shard} is not a readable safetensors file ({e}); download it again.") from None
+        self._default_shard = shards[0]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         with safe_open(self.dir / self.where[name], "pt") as f:
             return f.get_tensor(name)
 
     def file_of(self, name: str) -> str:
-        return str(self.dir / self.where.get(name, "model.safetensors"))
+        """The file that holds (or, per the index, should hold) `name`."""
+        return str(self.dir / self.where.get(name, self.listed.get(name, self._default_shard)))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)

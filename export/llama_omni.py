@@ -187,6 +187,7 @@ def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, opti
             "duration_receptive_field": duration_receptive_field(ckpt.vocoder_config),
         },
         "streaming": {"omega": options.omega},
+        "stages": stages,
         "parity": {},
     }
 

@@ -13,7 +13,7 @@ import torch
 
 from omnilite.runtime.bundle import load_bundle
 from omnilite.runtime.encoder import SpeechEncoder
-from omnilite.runtime.llm import LlamaCppLLM
+from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
 from omnilite.runtime.mel import LogMel
 from omnilite.runtime.metrics import cosine_rows, relative_max_error, snr_db
 from omnilite.runtime.units import StreamingUnitGenerator
@@ -66,7 +66,8 @@ def measure_parity(ref: ReferencePipeline, bundle_dir: Path, omega: int = 10) ->
         tokens_ref, hidden_ref = greedy_decode(ref.llm, ref.prompt.prefix_ids, emb, ref.prompt.suffix_ids,
                                                PARITY_TOKENS, ref.eos_ids, ignore_eos=True)
     hidden_ref = hidden_ref.numpy()
-    with LlamaCppLLM(bundle.file("llm")) as llm:
+    kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
+    with LlamaCppLLM(bundle.file("llm"), LLMConfig(kv_cache=kv)) as llm:
         llm.eval_tokens(ref.prompt.prefix_ids)
         llm.eval_embeddings(emb.numpy())
         first = llm.eval_tokens(ref.prompt.suffix_ids, want_last=True)

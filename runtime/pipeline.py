@@ -78,7 +78,10 @@ class Pipeline:
         # Room for the prompt, 30 s of speech positions and the reply.
         needed = len(self.prefix_ids) + len(self.suffix_ids) + bundle["encoder"]["max_mel_frames"] // bundle["encoder"]["frames_per_position"]
         n_ctx = max(2048, needed + config.max_new_tokens + 8)
-        self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads, n_gpu_layers=config.n_gpu_layers))
+        # An f32 LLM keeps its KV cache in f32 too, so the exact path stays exact.
+        kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
+        self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads,
+                                                             n_gpu_layers=config.n_gpu_layers, kv_cache=kv))
         self.units = StreamingUnitGenerator(bundle, ort_options)
         self.vocoder = UnitVocoder(bundle, ort_options)
         self.omega = int(config.omega or bundle["streaming"]["omega"])
@@ -129,7 +132,9 @@ class Pipeline:
             pending.clear()
             units.extend(new_units)
             with clock.stage("vocoder"):
-                wav = stream.flush() if final else stream.push(new_units)
+                wav = stream.push(new_units)
+                if final:
+                    wav = np.concatenate([wav, stream.flush()])
             if len(wav):
                 latency.setdefault("ttfa", time.perf_counter() - t0)
                 audio_out.append(wav)

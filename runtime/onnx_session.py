@@ -34,6 +34,8 @@ def open_session(path: Path, options: SessionOptions = SessionOptions()) -> ort.
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Spinning worker threads would steal the cores llama.cpp decodes on between our calls.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), so, providers=[p for p in options.providers if p in available])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a bad model file

@@ -66,3 +66,17 @@ def test_missing_vocoder_is_refused(tiny_checkpoint, tmp_path):
 def test_not_a_checkpoint_dir(tmp_path):
     with pytest.raises(CheckpointError, match="has no config.json"):
         LlamaOmniCheckpoint.open(tmp_path)
+
+
+def test_real_shape_matches_the_release():
+    from omnilite.export.tiny import SHAPES, llm_config, vocoder_config, whisper_dims
+
+    s = SHAPES["real"]
+    cfg = llm_config(s)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["intermediate_size"]) == (4096, 32, 32, 8, 14336)
+    assert cfg["ctc_decoder_config"] == "(2,4096,32,11008)" and cfg["speech_encoder_hidden_size"] == 1280
+    d = whisper_dims(s)
+    assert (d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"]) == (128, 1500, 1280, 20, 32)
+    v = vocoder_config(s)
+    assert v["upsample_initial_channel"] == 512 and v["embedding_dim"] == 128 and v["num_embeddings"] == 1000

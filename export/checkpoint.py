@@ -70,6 +70,10 @@ class SafetensorsDir(Mapping):
         with safe_open(self.dir / self.where[name], "pt") as f:
             return f.get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self.dir / self.where[name], "pt") as f:  # header only
+            return tuple(f.get_slice(name).get_shape())
+
     def file_of(self, name: str) -> str:
         """The file that holds (or, per the index, should hold) `name`."""
         return str(self.dir / self.where.get(name, self.listed.get(name, self._default_shard)))
@@ -79,6 +83,17 @@ class SafetensorsDir(Mapping):
 
     def __len__(self) -> int:
         return len(self.where)
+
+
+class LazyTensor:
+    """A safetensors entry that knows its shape and becomes a float32 array under np.asarray."""
+
+    def __init__(self, source: SafetensorsDir, name: str):
+        self.source, self.name = source, name
+        self.shape = source.shape(name)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.source[self.name].to(torch.float32).numpy().astype(dtype or np.float32, copy=False)
 
 
 def _check_and_load(module: torch.nn.Module, source: Mapping, prefix: str, file_of, what: str, skip: set[str] = frozenset()) -> None:
@@ -183,11 +198,12 @@ class LlamaOmniCheckpoint:
             model.tie_weights()
         return model.eval()
 
-    def llm_tensors(self) -> dict[str, np.ndarray]:
-        """HF-named LLM tensors as float32 numpy (what the GGUF writer consumes), shape-checked."""
+    def llm_tensors(self) -> dict[str, "LazyTensor"]:
+        """HF-named LLM tensors for the GGUF writer: each is read (as float32) only when converted,
+        so an 8B checkpoint is never held in memory at once."""
         self.llm_shapes_ok()
         names = [n for n in self.tensors if not n.startswith(("model.speech_", "speech_generator."))]
-        return {n: self.tensors[n].to(torch.float32).numpy() for n in names}
+        return {n: LazyTensor(self.tensors, n) for n in names}
 
     def llm_shapes_ok(self) -> None:
         with torch.device("meta"):

@@ -76,7 +76,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _build(ckpt: LlamaOmniCheckpoint, tmp: Path, options: ExportOptions) -> None:
-    steps = tqdm(total=6, desc="export", unit="step", disable=not options.progress)
+    steps = tqdm(total=7, desc="export", unit="step", disable=not options.progress)
 
     def step(name: str) -> None:
         steps.set_postfix_str(name)
@@ -86,35 +86,31 @@ def _build(ckpt: LlamaOmniCheckpoint, tmp: Path, options: ExportOptions) -> None
     ref = ReferencePipeline(ckpt)
     steps.update()
 
-    step("encoder.onnx")
-    export_onnx(ref.encoder, (torch.zeros(1, ref.n_mels, 3000),), tmp / "encoder.onnx",
-                {"mel": {2: "mel_frames"}}, {"speech_embeds": {1: "speech_positions"}})
-    steps.update()
+    gen = ref.generator.config
+    cache = torch.zeros(gen.num_hidden_layers, 1, gen.num_attention_heads, 0, gen.hidden_size // gen.num_attention_heads)
+    units = torch.zeros(1, 8, dtype=torch.long)
+    # file, module, example inputs, dynamic input axes, dynamic output axes
+    onnx_stages = [
+        ("encoder.onnx", ref.encoder, (torch.zeros(1, ref.n_mels, 3000),),
+         {"mel": {2: "mel_frames"}}, {"speech_embeds": {1: "speech_positions"}}),
+        ("speech_generator.onnx", CachedCTCStep(ref.generator), (torch.zeros(1, 2, ckpt.config["hidden_size"]), cache, cache),
+         {"hidden": {1: "new_tokens"}, "past_key": {3: "past_positions"}, "past_value": {3: "past_positions"}},
+         {"frame_units": {1: "new_positions"}, "present_key": {3: "positions"}, "present_value": {3: "positions"}}),
+        ("unit_duration.onnx", UnitDuration(ref.vocoder), (units,), {"units": {1: "units"}}, {"durations": {1: "units"}}),
+        ("vocoder.onnx", FrameVocoder(ref.vocoder), (units,), {"frame_units": {1: "frames"}}, {"audio": {1: "samples"}}),
+    ]
+    side_files: dict[str, list[str]] = {}  # ONNX external-data files per stage file
+    for file, module, example, dyn_in, dyn_out in onnx_stages:
+        step(file)
+        side_files[file] = export_onnx(module, example, tmp / file, dyn_in, dyn_out)
+        steps.update()
 
     step("llm.gguf")
     write_llama_gguf(ckpt.llm_tensors(), ckpt.config, ckpt.model_dir, tmp / "llm.gguf", dtype=options.llm_dtype,
                      name=ckpt.model_dir.name, progress=options.progress)
     steps.update()
 
-    step("speech_generator.onnx")
-    gen = ref.generator.config
-    head_dim = gen.hidden_size // gen.num_attention_heads
-    empty = torch.zeros(gen.num_hidden_layers, 1, gen.num_attention_heads, 0, head_dim)
-    cache = {3: "past_positions"}
-    export_onnx(CachedCTCStep(ref.generator), (torch.zeros(1, 2, ckpt.config["hidden_size"]), empty, empty),
-                tmp / "speech_generator.onnx",
-                {"hidden": {1: "new_tokens"}, "past_key": cache, "past_value": cache},
-                {"frame_units": {1: "new_positions"}, "present_key": {3: "positions"}, "present_value": {3: "positions"}})
-    steps.update()
-
-    step("vocoder.onnx")
-    export_onnx(UnitDuration(ref.vocoder), (torch.zeros(1, 8, dtype=torch.long),), tmp / "unit_duration.onnx",
-                {"units": {1: "units"}}, {"durations": {1: "units"}})
-    export_onnx(FrameVocoder(ref.vocoder), (torch.zeros(1, 8, dtype=torch.long),), tmp / "vocoder.onnx",
-                {"frame_units": {1: "frames"}}, {"audio": {1: "samples"}})
-    steps.update()
-
-    manifest = _manifest(ckpt, ref, tmp, options)
+    manifest = _manifest(ckpt, ref, tmp, options, side_files)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if options.parity:
         step("parity")
@@ -132,7 +128,8 @@ def _build(ckpt: LlamaOmniCheckpoint, tmp: Path, options: ExportOptions) -> None
     steps.close()
 
 
-def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, options: ExportOptions) -> dict:
+def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, options: ExportOptions,
+              side_files: dict[str, list[str]]) -> dict:
     gen = ref.generator.config
     precision = {"llm.gguf": options.llm_dtype}
     stages = []
@@ -141,7 +138,8 @@ def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, opti
         fmt = "gguf" if file.endswith(".gguf") else "onnx"
         inputs, outputs = io_shapes(tmp / file) if fmt == "onnx" else ({"tokens_or_embeddings": ["n", ckpt.config["hidden_size"]]}, {"logits_and_hidden": ["n", "vocab+hidden"]})
         stages.append({"name": name, "file": file, "format": fmt, "precision": precision.get(file, "fp32"),
-                       "sha256": sha256_file(tmp / file), "inputs": inputs, "outputs": outputs})
+                       "sha256": sha256_file(tmp / file), "inputs": inputs, "outputs": outputs,
+                       "extra_files": {f: sha256_file(tmp / f) for f in side_files.get(file, [])}})
     c = ckpt.config
     return {
         "format_version": FORMAT_VERSION,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -17,24 +18,43 @@ def export_onnx(
     path: Path,
     inputs: dict[str, dict[int, str]],
     outputs: dict[str, dict[int, str]],
-) -> None:
-    """`inputs`/`outputs`: name -> {axis: symbolic name} for the dynamic axes."""
+    external_threshold: int = 1 << 30,
+) -> list[str]:
+    """Export `module` to `path`. `inputs`/`outputs`: name -> {axis: symbolic name} of dynamic axes.
+
+    Weights beyond `external_threshold` bytes (protobuf caps a file at 2 GB; Whisper-large in
+    fp32 is 2.5 GB) go to one side file `<name>.data`. Returns the side files written.
+    """
     module.eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript-based exporter handles our data-dependent slicing (adapter frame drop,
-        # cache offsets) with plain dynamic axes; its deprecation warning is not actionable here.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            example_inputs,
-            str(path),
-            input_names=list(inputs),
-            output_names=list(outputs),
-            dynamic_axes={**inputs, **outputs},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    scratch = path.parent / f".{path.name}.export"
+    scratch.mkdir(exist_ok=True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript-based exporter handles our data-dependent slicing (adapter frame drop,
+            # cache offsets) with plain dynamic axes; its deprecation warning is not actionable here.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                example_inputs,
+                str(scratch / path.name),
+                input_names=list(inputs),
+                output_names=list(outputs),
+                dynamic_axes={**inputs, **outputs},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        model = onnx.load(str(scratch / path.name))  # pulls in any per-tensor external files
+        extra = []
+        if model.ByteSize() > external_threshold:
+            extra = [path.name + ".data"]
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=extra[0], size_threshold=1024)
+        else:
+            onnx.save_model(model, str(path))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(str(path))
+    return extra
 
 
 def io_shapes(path: Path) -> tuple[dict[str, list], dict[str, list]]:

@@ -9,6 +9,7 @@ them -> unit HiFi-GAN with duration prediction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -57,13 +58,17 @@ class ReferencePipeline:
     def __init__(self, ckpt: LlamaOmniCheckpoint):
         self.ckpt = ckpt
         self.encoder = ckpt.speech_encoder()
-        self.llm = ckpt.llm()
         self.generator = ckpt.speech_generator()
         self.vocoder = ckpt.vocoder()
         self.prompt: SpeechPrompt = speech_prompt(ckpt.model_dir / "tokenizer.json")
         eos = ckpt.config.get("eos_token_id", [])
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self.n_mels = ckpt.whisper_dims["n_mels"]
+
+    @cached_property
+    def llm(self):
+        """Loaded on first use: exporting without parity never needs the fp32 LLM in memory."""
+        return self.ckpt.llm()
 
     @torch.no_grad()
     def speech_embeddings(self, audio_16k: np.ndarray, pad_to_30s: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class StageFile:
     sha256: str
     inputs: dict[str, list]
     outputs: dict[str, list]
+    extra_files: dict[str, str] = field(default_factory=dict)  # side files (ONNX external data) -> sha256
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,16 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     if version < 1:
         raise BundleError(f"{manifest_path} has unknown format version {version}; re-export the bundle with `omnilite export`.")
     for stage in stages:
-        f = path / stage["file"]
-        if not f.is_file():
-            raise BundleError(
-                f"{path} is missing {stage['file']} (stage '{stage['name']}'); re-export the bundle with `omnilite export`."
-            )
-        if verify and sha256_file(f) != stage["sha256"]:
-            raise BundleError(
-                f"{f} does not match the sha256 recorded in {MANIFEST} (altered or damaged); re-export the bundle "
-                "or restore the original file."
-            )
+        files = {stage["file"]: stage["sha256"], **stage.get("extra_files", {})}
+        for name, digest in files.items():
+            f = path / name
+            if not f.is_file():
+                raise BundleError(
+                    f"{path} is missing {name} (stage '{stage['name']}'); re-export the bundle with `omnilite export`."
+                )
+            if verify and sha256_file(f) != digest:
+                raise BundleError(
+                    f"{f} does not match the sha256 recorded in {MANIFEST} (altered or damaged); re-export the bundle "
+                    "or restore the original file."
+                )
     return Bundle(path=path, manifest=manifest)

@@ -69,3 +69,34 @@ def test_streamed_vocoder_with_full_context_equals_offline(bundle, reference_rep
     assert len(streamed) == len(offline)
     assert snr_db(offline, streamed) >= 80.0  # same samples up to float rounding
     assert stream.max_buffered_frames <= 2 * voc.receptive_field + max(reference_reply.durations) * 7 + 1
+
+
+def test_large_onnx_weights_go_to_one_verified_side_file(reference, tmp_path):
+    """Real Whisper-large is 2.5 GB in fp32, past protobuf's 2 GB: weights move to `<file>.data`."""
+    import shutil
+
+    from omnilite.export.onnx_export import export_onnx
+    from omnilite.runtime.errors import BundleError
+    from omnilite.runtime.onnx_session import open_session
+
+    extra = export_onnx(reference.encoder, (torch.zeros(1, 128, 3000),), tmp_path / "encoder.onnx",
+                        {"mel": {2: "frames"}}, {"speech_embeds": {1: "positions"}}, external_threshold=1 << 16)
+    assert extra == ["encoder.onnx.data"] and sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "encoder.onnx.data"]
+    mel = torch.randn(1, 128, 400)
+    with torch.no_grad():
+        ref = reference.encoder(mel).numpy()
+    got = open_session(tmp_path / "encoder.onnx").run(None, {"mel": mel.numpy()})[0]
+    assert relative_max_error(ref, got) <= 1e-3
+    # The manifest covers the side file: altering it is caught like altering the stage file.
+    b = tmp_path / "b"
+    b.mkdir()
+    for f in ("encoder.onnx", "encoder.onnx.data"):
+        shutil.copy(tmp_path / f, b / f)
+    stage = {"name": "encoder", "file": "encoder.onnx", "format": "onnx", "precision": "fp32", "inputs": {}, "outputs": {},
+             "sha256": sha256_file(b / "encoder.onnx"), "extra_files": {"encoder.onnx.data": sha256_file(b / "encoder.onnx.data")}}
+    (b / "omnilite.json").write_text(json.dumps({"format_version": 1, "family": "llama-omni", "stages": [stage]}))
+    load_bundle(b)
+    with open(b / "encoder.onnx.data", "r+b") as f:
+        f.write(b"\1\2\3\4")
+    with pytest.raises(BundleError, match="encoder.onnx.data does not match the sha256"):
+        load_bundle(b)

@@ -123,6 +123,35 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_devices(args) -> int:
+    from omnilite.devices.host import detect_host
+    from omnilite.devices.profiles import get_profile, resolve_providers, select_profile
+
+    host = detect_host()
+    if args.profile:
+        profile, reason = get_profile(args.profile), "chosen with --profile"
+    else:
+        profile, reason = select_profile(host)
+    providers, warnings = resolve_providers(profile, host.ort_providers)
+    if args.json:
+        print(json.dumps({"host": host.to_dict(), "profile": profile.name, "reason": reason,
+                          "providers": providers, "warnings": warnings}, indent=2))
+        return 0
+    print(f"host: {host.cpu_model} ({host.cpu_vendor}), {host.arch}, {host.os}")
+    print(f"  cores: {host.physical_cores} physical / {host.logical_cores} logical; RAM {host.ram_gb:.1f} GiB")
+    print(f"  CPU features: {' '.join(sorted(host.features)) or 'none detected'}")
+    print(f"  onnxruntime providers: {', '.join(host.ort_providers) or 'onnxruntime not installed'}")
+    for label, value in (("CUDA GPUs", ", ".join(host.cuda_gpus)), ("Jetson", host.jetson_model), ("board", host.board_model)):
+        if value:
+            print(f"  {label}: {value}")
+    print(f"profile: {profile.name} ({profile.description})")
+    print(f"  because: {reason}")
+    print(f"  providers: {', '.join(providers)}; llama.cpp GPU layers {profile.n_gpu_layers}; precision {profile.precision}")
+    print(f"  threads: " + ", ".join(f"{s} {profile.threads_for(s, host)}" for s in profile.threads))
+    print(f"  chunks: omega {profile.omega}, R/W {profile.read}/{profile.write}; memory budget {profile.memory_budget_mb} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnilite", description="Speech-in, speech-out models on edge hardware.")
     p.add_argument("--version", action="version", version=f"omnilite {__version__}")
@@ -170,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", help="question WAV (default: the bundled question)")
     add_run_options(s)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("devices", help="show the detected host and the device profile chosen for it")
+    s.add_argument("--profile", help="a profile name or .json file instead of the detected one")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_devices)
 
     s = sub.add_parser("info", help="show a bundle's stages and parity report")
     s.add_argument("bundle")

@@ -17,6 +17,9 @@ import numpy as np
 from .errors import AudioError
 
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -89,6 +92,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -45,7 +45,9 @@ def export_onnx(
             )
         model = onnx.load(str(scratch / path.name))  # pulls in any per-tensor external files
         extra = []
-        if model.ByteSize() > external_threshold:
+        # ModelProto.ByteSize() itself fails past protobuf's 2 GB limit; the initializers, each
+        # under it, are what decides.
+        if sum(t.ByteSize() for t in model.graph.initializer) > external_threshold:
             extra = [path.name + ".data"]
             onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=extra[0], size_threshold=1024)

@@ -152,6 +152,80 @@ def cmd_devices(args) -> int:
     return 0
 
 
+def _chat_line(done) -> str:
+    t, st = done.timings, done.stats
+    parts = [f"[turn {done.turn}]"]
+    for key, label in (("ttft", "TTFT"), ("ttfa", "TTFA")):
+        if key in t:
+            parts.append(f"{label} {t[key] * 1000:.0f} ms")
+    parts.append("(from end of speech)")
+    if "rtf" in t:
+        parts.append(f"RTF {t['rtf']:.3f}")
+    parts.append(f"underruns {st.get('underruns', 0)}")
+    if "prompt_tokens" in st:
+        parts.append(f"prompt {st['prompt_tokens']} of {st['context']} context tokens evaluated")
+    return "  ".join(parts)
+
+
+def cmd_chat(args) -> int:
+    from omnilite.runtime import Pipeline, PipelineConfig
+    from omnilite.runtime.audio import write_wav
+    from omnilite.runtime.audio_io import DeviceAudio, FileAudio, FileLoopConfig, _sounddevice, list_devices
+    from omnilite.runtime.errors import OmniliteError
+    from omnilite.runtime.events import Done, Interrupted, TextDelta, TurnEnded, TurnStarted
+    from omnilite.runtime.session import Session, SessionConfig
+
+    if args.list_devices:
+        print(list_devices())
+        return 0
+    if not args.bundle:
+        raise OmniliteError("chat needs a BUNDLE directory (or --list-devices); e.g. `omnilite chat my-bundle`.")
+    if bool(args.input_file) != bool(args.output_file):
+        raise OmniliteError("--input-file and --output-file go together (the simulated microphone and its speaker); pass both.")
+    if not args.input_file:
+        _sounddevice()  # no sound card support: say so before loading a multi-GB model
+    config = PipelineConfig(encoder_mode=args.encoder_mode, omega=args.omega, max_new_tokens=args.max_new_tokens,
+                            ignore_eos=args.ignore_eos, threads=args.threads, mode=args.mode, n_ctx=args.n_ctx)
+    session_config = SessionConfig(vad=args.vad, min_silence_ms=args.min_silence_ms, barge_in=not args.no_barge_in)
+    underruns = turns = 0
+    with Pipeline.load(Path(args.bundle), config) as pipe, Session(pipe, session_config) as session:
+        if args.input_file:
+            audio = FileAudio(session, args.input_file, FileLoopConfig(block_ms=args.block_ms, pace=args.pace))
+            print(f"simulated microphone: {args.input_file} at {args.pace:g}x real time (VAD: {session.vad.name})")
+        else:
+            audio = DeviceAudio(session, args.input_device, args.output_device, block_ms=args.block_ms)
+            print(f"listening (VAD: {session.vad.name}); speak, and press Ctrl-C to stop")
+        audio.start()
+        try:
+            while True:
+                for e in session.poll(0.05):
+                    if isinstance(e, TurnStarted):
+                        print(f"\n[turn {e.turn}] you: speaking at {e.at:.2f} s", flush=True)
+                    elif isinstance(e, TurnEnded):
+                        print(f"[turn {e.turn}] end of speech at {e.end_of_speech:.2f} s (endpoint after {e.silence:.2f} s "
+                              f"of silence)\nassistant: ", end="", flush=True)
+                    elif isinstance(e, TextDelta):
+                        print(e.text, end="", flush=True)
+                    elif isinstance(e, Interrupted):
+                        print(f" [interrupted after {e.played:.2f} s of audio]", flush=True)
+                    elif isinstance(e, Done):
+                        turns += 1
+                        underruns += e.stats.get("underruns", 0)
+                        print("\n" + _chat_line(e), flush=True)
+                if args.input_file and not audio.running:
+                    audio.wait()
+                    break
+        except KeyboardInterrupt:
+            print("\nstopped")
+        finally:
+            audio.stop()
+    if args.input_file:
+        write_wav(args.output_file, audio.stats.output, pipe.sample_rate)
+        print(f"wrote {args.output_file} ({len(audio.stats.output) / pipe.sample_rate:.2f} s: what the speaker played)")
+    print(f"{turns} replies, {underruns} underruns" + (" (the vocoder did not keep real time)" if underruns else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnilite", description="Speech-in, speech-out models on edge hardware.")
     p.add_argument("--version", action="version", version=f"omnilite {__version__}")
@@ -204,6 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", help="a profile name or .json file instead of the detected one")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_devices)
+
+    s = sub.add_parser("chat", help="talk with a bundle through the microphone and speaker (or WAV files)")
+    s.add_argument("bundle", nargs="?", help="bundle directory (not needed with --list-devices)")
+    s.add_argument("--input-file", help="simulated microphone: a WAV file played into the session at --pace")
+    s.add_argument("--output-file", help="with --input-file: write what the speaker played here")
+    s.add_argument("--pace", type=float, default=1.0, help="simulated microphone speed (1 = real time)")
+    s.add_argument("--block-ms", type=float, default=20.0, help="audio block per loop step")
+    s.add_argument("--input-device", help="microphone (index or name from --list-devices)")
+    s.add_argument("--output-device", help="speaker (index or name from --list-devices)")
+    s.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    s.add_argument("--vad", choices=("auto", "silero", "energy"), default="auto")
+    s.add_argument("--min-silence-ms", type=int, default=600, help="silence that ends your turn")
+    s.add_argument("--no-barge-in", action="store_true", help="do not let speech interrupt a reply")
+    s.add_argument("--mode", choices=("overlapped", "sequential"), default="overlapped", help="run stages in worker threads or one after another")
+    s.add_argument("--n-ctx", type=int, default=8192, help="LLM context for the whole conversation")
+    add_run_options(s)
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("info", help="show a bundle's stages and parity report")
     s.add_argument("bundle")

@@ -114,6 +114,21 @@ def resample(audio: np.ndarray, src_rate: int, dst_rate: int, *, taps_per_side: 
     audio = np.asarray(audio, dtype=np.float32)
     if src_rate == dst_rate or audio.size == 0:
         return audio
+    up, down, k, filters = _polyphase(src_rate, dst_rate, taps_per_side)
+    padded = np.pad(audio.astype(np.float64), (taps_per_side, taps_per_side + 1))
+    n = np.arange((audio.size * up) // down)
+    base = (n * down) // up + taps_per_side
+    phase = n % up
+    out = np.empty(n.size, dtype=np.float64)
+    block = 16384  # bounds the temporary (block x taps) gather
+    for s in range(0, n.size, block):
+        idx = base[s:s + block, None] + k[None, :]
+        out[s:s + block] = np.einsum("ij,ij->i", padded[idx], filters[phase[s:s + block]])
+    return out.astype(np.float32)
+
+
+def _polyphase(src_rate: int, dst_rate: int, taps_per_side: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(up, down, tap offsets, one Kaiser-windowed sinc filter per output phase)."""
     g = gcd(src_rate, dst_rate)
     up, down = dst_rate // g, src_rate // g
     cutoff = min(1.0, up / down)  # of the input Nyquist: anti-alias when downsampling
@@ -125,16 +140,56 @@ def resample(audio: np.ndarray, src_rate: int, dst_rate: int, *, taps_per_side: 
     x = k[None, :] - frac[:, None]
     window = np.i0(beta * np.sqrt(np.clip(1.0 - (x / taps_per_side) ** 2, 0.0, 1.0))) / np.i0(beta)
     filters = cutoff * np.sinc(cutoff * x) * window
-    padded = np.pad(audio.astype(np.float64), (taps_per_side, taps_per_side + 1))
-    n = np.arange((audio.size * up) // down)
-    base = (n * down) // up + taps_per_side
-    phase = n % up
-    out = np.empty(n.size, dtype=np.float64)
-    block = 16384  # bounds the temporary (block x taps) gather
-    for s in range(0, n.size, block):
-        idx = base[s:s + block, None] + k[None, :]
-        out[s:s + block] = np.einsum("ij,ij->i", padded[idx], filters[phase[s:s + block]])
-    return out.astype(np.float32)
+    return up, down, k, filters
+
+
+class StreamResampler:
+    """`resample` for audio that arrives in blocks (a microphone): the concatenated outputs of
+    `push` and `flush` equal `resample` of the whole signal. Each output sample is emitted as soon as
+    the input samples under its filter have arrived (taps_per_side input samples of delay), and
+    only those are kept, so memory stays flat."""
+
+    def __init__(self, src_rate: int, dst_rate: int, *, taps_per_side: int = 32):
+        if src_rate <= 0 or dst_rate <= 0:
+            raise AudioError(f"sample rates must be positive, got {src_rate} -> {dst_rate} Hz; pass the rate in Hz.")
+        self.src_rate, self.dst_rate = int(src_rate), int(dst_rate)
+        self.taps = taps_per_side
+        self.up, self.down, self._k, self._filters = _polyphase(self.src_rate, self.dst_rate, taps_per_side)
+        self._buf = np.zeros(taps_per_side, np.float64)  # the zeros before input sample 0
+        self._buf_start = -taps_per_side  # input index of _buf[0]
+        self.received = 0  # input samples pushed so far
+        self._next = 0  # index of the next output sample
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        audio = np.asarray(audio, np.float32).reshape(-1)
+        if self.src_rate == self.dst_rate:
+            self.received += audio.size
+            return audio
+        self._buf = np.concatenate([self._buf, audio.astype(np.float64)])
+        self.received += audio.size
+        # Output n reads inputs up to n*down//up + taps_per_side.
+        m = self.received - self.taps
+        return self._emit((m * self.up - 1) // self.down + 1 if m > 0 else 0)
+
+    def flush(self) -> np.ndarray:
+        """End of input: the remaining outputs, with zeros after the last input sample (as `resample`)."""
+        if self.src_rate == self.dst_rate:
+            return np.zeros(0, np.float32)
+        self._buf = np.concatenate([self._buf, np.zeros(self.taps + 1)])
+        return self._emit((self.received * self.up) // self.down)
+
+    def _emit(self, end: int) -> np.ndarray:
+        if end <= self._next:
+            return np.zeros(0, np.float32)
+        n = np.arange(self._next, end)
+        idx = ((n * self.down) // self.up)[:, None] + self._k[None, :] - self._buf_start
+        out = np.einsum("ij,ij->i", self._buf[idx], self._filters[n % self.up])
+        self._next = end
+        keep_from = (end * self.down) // self.up - self.taps + 1  # the first input the next output reads
+        drop = max(0, keep_from - self._buf_start)
+        self._buf = self._buf[drop:]
+        self._buf_start += drop
+        return out.astype(np.float32)
 
 
 def prepare_speech(audio: np.ndarray, sample_rate: int, target_rate: int, *, source: str = "audio") -> np.ndarray:

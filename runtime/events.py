@@ -1,4 +1,4 @@
-"""Typed events yielded by `Pipeline.respond` (and later by `Session`)."""
+"""Typed events yielded by `Pipeline.respond` and delivered by `Session.poll`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,39 @@ class Done:
     audio: np.ndarray
     sample_rate: int
     timings: dict[str, float] = field(default_factory=dict)
+    # Counts for this turn: prompt_tokens (positions evaluated for it), context (positions in the
+    # KV cache after its prompt), underruns (Session: blocks the speaker had to fill with silence).
+    stats: dict[str, int] = field(default_factory=dict)
+    turn: int = 0
 
 
-Event = TextDelta | AudioChunk | Timing | Done
+@dataclass(frozen=True)
+class TurnStarted:
+    """The VAD heard the user start speaking; `at` is the session time (s of input audio)."""
+
+    turn: int
+    at: float
+
+
+@dataclass(frozen=True)
+class TurnEnded:
+    """The endpointer closed the user's turn. `end_of_speech` (session time of the last speech
+    sample) is t0 for this turn's latencies; the endpointer fired `silence` seconds of audio later."""
+
+    turn: int
+    start: float
+    end_of_speech: float
+    silence: float
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The reply to `turn` was cut short (the user spoke over it): its queued audio was dropped and
+    every stage cancelled. `played` seconds of it had reached the speaker."""
+
+    turn: int
+    played: float
+    reason: str = "barge-in"
+
+
+Event = TextDelta | AudioChunk | Timing | Done | TurnStarted | TurnEnded | Interrupted

@@ -112,6 +112,17 @@ class LlamaCppLLM:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._n_past = 0
 
+    def truncate(self, n_past: int) -> None:
+        """Forget every position from ``n_past`` on (e.g. a cancelled user turn), keeping the ones before."""
+        self._open()
+        if not 0 <= n_past <= self._n_past:
+            raise ValueError(f"cannot truncate to {n_past} positions: the cache holds {self._n_past}")
+        if n_past == self._n_past:
+            return
+        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, n_past, -1):
+            raise OmniliteError("llama.cpp could not remove positions from the KV cache; reset the conversation instead.")
+        self._n_past = n_past
+
     @property
     def n_past(self) -> int:
         return self._n_past

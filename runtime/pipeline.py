@@ -3,16 +3,29 @@
 encoder (ONNX) -> LLM (llama.cpp, speech embeddings spliced into the prompt) -> every `omega`
 generated tokens, their hidden states -> streaming CTC unit generator (ONNX, KV cache) ->
 ring-buffered unit vocoder (ONNX) -> AudioChunk events.
+
+Two ways to run the same stage code:
+- ``overlapped`` (default): the LLM, the unit generator and the vocoder each run in their own
+  worker thread, joined by bounded channels, so the LLM keeps generating while chunk k is turned
+  into units and chunk k-1 into audio.
+- ``sequential``: the stages run one after another in the caller's thread (the baseline the
+  benchmark compares against).
+Both give the same tokens, units and samples. A reply can be cancelled (barge-in): every stage
+stops at its next hand-off, queued audio is dropped and the worker threads are joined.
+
+A `Conversation` keeps the dialogue in the LLM's KV cache across replies: a follow-up turn
+evaluates only its own positions (the previous reply's last token, the user header, the speech and
+the instruction), never the history again.
 """
 
 from __future__ import annotations
 
 import codecs
 import logging
+import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +38,19 @@ from .errors import BundleError, OmniliteError
 from .events import AudioChunk, Done, Event, TextDelta, Timing
 from .llm import LlamaCppLLM, LLMConfig
 from .onnx_session import SessionOptions
+from .streaming import CancelToken, Cancelled, Channel, StageClock
 from .units import StreamingUnitGenerator
 from .vocoder import UnitVocoder, VocoderStreamConfig
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = ("llama-omni",)
+MODES = ("overlapped", "sequential")
+STAGES = ("resample", "mel", "encoder", "llm_prefill", "llm_decode", "speech_generator", "vocoder")
+# What separates the previous assistant reply from the next user turn's speech in the llama_3
+# template (used only for bundles exported before the manifest stored these ids).
+_TURN_PREFIX_TEXT = "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+_JOIN_TIMEOUT_S = 60.0  # a stage finishes its current chunk well within this; more means a hang
 
 
 @dataclass(frozen=True)
@@ -44,50 +64,82 @@ class PipelineConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     n_gpu_layers: int = 0
     verify_bundle: bool = True
+    mode: str = "overlapped"  # "overlapped" (a worker thread per stage) or "sequential"
+    # Chunks held between two stages. Bounded so memory stays flat and a fast LLM cannot run far
+    # ahead of what will be spoken (the device profile will set this; 4 suits a CPU).
+    queue_size: int = 4
+    event_queue_size: int = 256  # events waiting for the caller (text, audio chunks)
+    n_ctx: int | None = None  # LLM context positions; None: one turn (prompt + 30 s of speech + reply), >= 2048
 
 
-class _Clock:
-    """Accumulates wall time per stage for one turn."""
+@dataclass
+class Conversation:
+    """A dialogue kept in the pipeline's KV cache. Pass the same object to consecutive
+    `Pipeline.respond` calls; each follow-up turn evaluates only its own positions."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
+    turns: int = 0  # completed (or interrupted after the reply began) assistant turns
+    pending: list[int] = field(default_factory=list)  # the last reply token, not yet in the cache
+    prepared_at: int = -1  # n_past where the pre-speech part of the next user turn ends; -1: not yet
+    prepared_tokens: int = 0  # positions that preparation evaluated
 
-    @contextmanager
-    def stage(self, name: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - t
-            self.calls[name] += 1
+
+@dataclass
+class _ReplyState:
+    tokens: list[int] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)
+    latency: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+_TEXT, _HIDDEN = 0, 1
+_LLM_DONE, _VOC_DONE = object(), object()
 
 
 class Pipeline:
     def __init__(self, bundle: Bundle, config: PipelineConfig = PipelineConfig()):
         if bundle.family not in SUPPORTED_FAMILIES:
             raise BundleError(f"{bundle.path} is a '{bundle.family}' bundle, which this omnilite cannot run; upgrade omnilite.")
+        if config.mode not in MODES:
+            raise OmniliteError(f"pipeline mode {config.mode!r} is unknown; use one of: {', '.join(MODES)}.")
+        if config.queue_size < 1 or config.event_queue_size < 1:
+            raise OmniliteError("queue sizes must be at least 1 chunk; raise queue_size / event_queue_size.")
         self.bundle = bundle
         self.config = config
         ort_options = SessionOptions(providers=config.providers, intra_op_threads=config.threads or 0)
         self.encoder = SpeechEncoder(bundle, ort_options)
         llm_cfg = bundle["llm"]
-        self.prefix_ids = list(llm_cfg["prompt"]["prefix_ids"])
-        self.suffix_ids = list(llm_cfg["prompt"]["suffix_ids"])
+        prompt = llm_cfg["prompt"]
+        self.prefix_ids = list(prompt["prefix_ids"])
+        self.suffix_ids = list(prompt["suffix_ids"])
         self.eos_ids = frozenset(llm_cfg["eos_ids"])
         # Room for the prompt, 30 s of speech positions and the reply.
-        needed = len(self.prefix_ids) + len(self.suffix_ids) + bundle["encoder"]["max_mel_frames"] // bundle["encoder"]["frames_per_position"]
-        n_ctx = max(2048, needed + config.max_new_tokens + 8)
+        self.max_speech_positions = bundle["encoder"]["max_mel_frames"] // bundle["encoder"]["frames_per_position"]
+        needed = len(self.prefix_ids) + len(self.suffix_ids) + self.max_speech_positions + config.max_new_tokens + 8
+        n_ctx = config.n_ctx or max(2048, needed)
+        if n_ctx < needed:
+            raise OmniliteError(f"n_ctx={n_ctx} cannot hold one turn ({needed} positions with "
+                                f"max_new_tokens={config.max_new_tokens}); raise n_ctx or lower max_new_tokens.")
         # An f32 LLM keeps its KV cache in f32 too, so the exact path stays exact.
         kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
         self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads,
                                                              n_gpu_layers=config.n_gpu_layers, kv_cache=kv))
+        if "turn_prefix_ids" in prompt:
+            self.turn_prefix_ids = list(prompt["turn_prefix_ids"])
+        else:
+            # Bundles exported before multi-turn support: the GGUF carries the same Llama-3
+            # tokenizer, so its tokenization of the template's turn separator is the same ids.
+            self.turn_prefix_ids = self.llm.tokenize(_TURN_PREFIX_TEXT, special=True)
+            log.info("bundle has no turn_prefix_ids; tokenized the turn separator with the GGUF tokenizer: %s",
+                     self.turn_prefix_ids)
         self.units = StreamingUnitGenerator(bundle, ort_options)
         self.vocoder = UnitVocoder(bundle, ort_options)
         self.omega = int(config.omega or bundle["streaming"]["omega"])
         if self.omega < 1:
             raise OmniliteError(f"omega must be at least 1 text token per chunk, got {self.omega}.")
         self.sample_rate = self.vocoder.sample_rate
+        self._busy = threading.Lock()  # one reply at a time: the stages hold per-reply state
+        self._conversation: Conversation | None = None  # the one whose history is in the KV cache
 
     @classmethod
     def load(cls, bundle: str | Path, config: PipelineConfig = PipelineConfig()) -> "Pipeline":
@@ -102,77 +154,319 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def respond(self, audio: np.ndarray, sample_rate: int) -> Iterator[Event]:
-        """Answer one spoken question. t0 (for TTFT/TTFA) is this call: the audio is complete."""
-        t0 = time.perf_counter()
-        clock = _Clock()
-        latency: dict[str, float] = {}
+    # --- public API ----------------------------------------------------------------------------
+
+    def respond(self, audio: np.ndarray, sample_rate: int, *, conversation: Conversation | None = None,
+                t0: float | None = None, mode: str | None = None) -> Iterator[Event]:
+        """Answer one spoken question with streamed events. Without a `conversation` every call
+        starts afresh; with one, the question is the next turn of that dialogue. `t0`
+        (time.perf_counter()) is the end of the user's speech; by default this call, as the audio
+        is complete. Closing the iterator early cancels the reply."""
+        return iter(self.start_reply(audio, sample_rate, conversation=conversation, t0=t0, mode=mode))
+
+    def start_reply(self, audio: np.ndarray, sample_rate: int, *, conversation: Conversation | None = None,
+                    t0: float | None = None, mode: str | None = None) -> "Reply":
+        """Like `respond`, but returns the `Reply` itself, whose `cancel()` may be called from any thread."""
+        mode = mode or self.config.mode
+        if mode not in MODES:
+            raise OmniliteError(f"pipeline mode {mode!r} is unknown; use one of: {', '.join(MODES)}.")
+        return Reply(self, audio, sample_rate, conversation or Conversation(), t0, mode)
+
+    def prepare(self, conversation: Conversation) -> int:
+        """Evaluate the part of the conversation's next user turn that precedes the speech (the system
+        prompt for the first turn; the last reply token and the user header later), so that it is
+        done before the user stops speaking. Returns the positions evaluated now (0 if already done)."""
+        with self._busy:
+            return self._prepare(conversation)
+
+    # --- LLM prompt bookkeeping ------------------------------------------------------------------
+
+    def _claim(self, conv: Conversation) -> None:
+        if conv is self._conversation:
+            return
+        if conv.turns:
+            raise OmniliteError("this conversation's history is no longer in the LLM cache (another conversation "
+                                "used the pipeline since); start a new Conversation.")
+        conv.prepared_at = -1
+        self._conversation = conv
+
+    def _prepare(self, conv: Conversation) -> int:
+        self._claim(conv)
+        if conv.prepared_at >= 0:
+            return 0
+        if conv.turns == 0:
+            self.llm.reset()
+            ids = self.prefix_ids
+        else:
+            ids = conv.pending + self.turn_prefix_ids
+        self.llm.eval_tokens(ids)
+        conv.pending = []
+        conv.prepared_at = self.llm.n_past
+        conv.prepared_tokens = len(ids)
+        return len(ids)
+
+    def _prefill(self, conv: Conversation, embeds: np.ndarray, state: _ReplyState) -> tuple[np.ndarray, np.ndarray]:
+        self._prepare(conv)
+        needed = len(embeds) + len(self.suffix_ids) + self.config.max_new_tokens + 1
+        if conv.turns and self.llm.n_past + needed > self.llm.n_ctx:
+            log.warning("the conversation no longer fits n_ctx=%d (%d + %d positions); dropping the history of %d turns",
+                        self.llm.n_ctx, self.llm.n_past, needed, conv.turns)
+            conv.turns, conv.pending, conv.prepared_at = 0, [], -1
+            self._prepare(conv)
+            state.stats["history_dropped"] = 1
+        first = None
+        try:
+            self.llm.eval_embeddings(embeds)
+            first = self.llm.eval_tokens(self.suffix_ids, want_last=True)
+        finally:
+            if first is None:  # failed midway: leave the cache as prepared, not half a user turn
+                self.llm.truncate(min(conv.prepared_at, self.llm.n_past))
+        state.stats["prompt_tokens"] = conv.prepared_tokens + len(embeds) + len(self.suffix_ids)
+        state.stats["context"] = self.llm.n_past
+        return first
+
+    def _finish_turn(self, conv: Conversation, tokens: list[int]) -> None:
+        """Record where the dialogue stands after a reply (complete, cut at max_new_tokens or cancelled)."""
+        if not tokens:
+            # Cancelled before the reply began: forget this user turn, keep the prepared part.
+            if conv.prepared_at >= 0 and self.llm.n_past > conv.prepared_at:
+                self.llm.truncate(conv.prepared_at)
+            return
+        # `generate` never feeds the last token it yields; an end-of-turn token is replaced by the
+        # template's own <|eot_id|> at the start of the next turn prefix.
+        conv.turns += 1
+        conv.pending = [] if tokens[-1] in self.eos_ids else [tokens[-1]]
+        conv.prepared_at = -1
+        conv.prepared_tokens = 0
+
+    # --- stages (the same code in both modes) ----------------------------------------------------
+
+    def _llm_items(self, reply: "Reply") -> Iterator[tuple[int, object]]:
+        """Frontend + LLM: yields (_TEXT, TextDelta) and (_HIDDEN, (hidden chunk, final))."""
+        clock, state, token = reply.clock, reply.state, reply.token
         with clock.stage("resample"):
-            speech = prepare_speech(audio, sample_rate, 16000)
+            speech = prepare_speech(reply.audio, reply.sample_rate, 16000)
+        token.check()
         with clock.stage("mel"):
             mel = self.encoder.mel(speech, self.config.encoder_mode)
         with clock.stage("encoder"):
             embeds = self.encoder.embed(mel)
-        with clock.stage("llm_prefill"):
-            self.llm.reset()
-            self.llm.eval_tokens(self.prefix_ids)
-            self.llm.eval_embeddings(embeds)
-            first = self.llm.eval_tokens(self.suffix_ids, want_last=True)
-        self.units.reset()
-        stream = self.vocoder.stream(self.config.vocoder)
-        text_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        tokens: list[int] = []
-        units: list[int] = []
-        audio_out: list[np.ndarray] = []
-        pending: list[np.ndarray] = []
+        token.check()
+        try:
+            with clock.stage("llm_prefill"):
+                first = self._prefill(reply.conversation, embeds, state)
+            token.check()
+            text_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            pending: list[np.ndarray] = []
+            steps = self.llm.generate(self.config.max_new_tokens, ignore_eos=self.config.ignore_eos, first=first)
+            while True:
+                with clock.stage("llm_decode"):
+                    item = next(steps, None)
+                if item is None:
+                    break
+                tok, hidden = item
+                state.tokens.append(tok)
+                pending.append(hidden)
+                if tok not in self.eos_ids:
+                    piece = text_decoder.decode(self.llm.token_piece(tok))
+                    if piece:
+                        yield _TEXT, TextDelta(piece)
+                if len(pending) == self.omega:
+                    yield _HIDDEN, (np.stack(pending), False)
+                    pending = []
+                token.check()  # between tokens: a cancelled reply stops after at most one more
+            tail = text_decoder.decode(b"", final=True)
+            if tail:
+                yield _TEXT, TextDelta(tail)
+            yield _HIDDEN, (np.stack(pending) if pending else None, True)
+        finally:
+            self._finish_turn(reply.conversation, state.tokens)
 
-        def speak(final: bool) -> Iterator[Event]:
-            with clock.stage("speech_generator"):
-                new_units = self.units.push(np.stack(pending)) if pending else []
-            pending.clear()
-            units.extend(new_units)
-            with clock.stage("vocoder"):
-                wav = stream.push(new_units)
-                if final:
-                    wav = np.concatenate([wav, stream.flush()])
+    def _units_step(self, reply: "Reply", hidden: np.ndarray | None) -> list[int]:
+        with reply.clock.stage("speech_generator"):
+            new = self.units.push(hidden) if hidden is not None else []
+        reply.state.units.extend(new)
+        return new
+
+    def _vocoder_step(self, reply: "Reply", units: list[int], final: bool) -> np.ndarray:
+        with reply.clock.stage("vocoder"):
+            wav = reply.stream.push(units)
+            if final:
+                wav = np.concatenate([wav, reply.stream.flush()])
+        return wav
+
+
+class Reply:
+    """One reply in progress. Iterate it (once) for events; `cancel()` (any thread) stops every
+    stage within one chunk, drops queued audio and ends the iteration without a `Done`."""
+
+    def __init__(self, pipe: Pipeline, audio: np.ndarray, sample_rate: int, conversation: Conversation,
+                 t0: float | None, mode: str):
+        self.pipe = pipe
+        self.audio, self.sample_rate = audio, sample_rate
+        self.conversation = conversation
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.mode = mode
+        self.token = CancelToken()
+        self.clock = StageClock()
+        self.state = _ReplyState()
+        self.stream = pipe.vocoder.stream(pipe.config.vocoder)
+        self.threads: list[threading.Thread] = []
+        self.finished = False
+        self._errors: list[BaseException] = []
+        self._started = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+    def join(self, timeout: float = _JOIN_TIMEOUT_S) -> bool:
+        """Wait for the worker threads; True when none is left."""
+        deadline = time.perf_counter() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.perf_counter()))
+        return not any(t.is_alive() for t in self.threads)
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._started:
+            raise RuntimeError("a Reply can be iterated only once")
+        self._started = True
+        pipe = self.pipe
+        if not pipe._busy.acquire(blocking=False):
+            raise OmniliteError("this Pipeline is already answering; finish or cancel that reply first "
+                                "(or load a second Pipeline).")
+        try:
+            pipe.units.reset()
+            events = self._overlapped() if self.mode == "overlapped" else self._sequential()
+            for event in events:
+                yield from self._hand_out(event)
+            self.finished = True
+            yield from self._summary()
+        except Cancelled:
+            pass
+        finally:
+            if not self.finished:
+                self.token.cancel()
+            if not self.join():
+                log.error("reply worker threads did not stop within %.0f s: %s", _JOIN_TIMEOUT_S,
+                          [t.name for t in self.threads if t.is_alive()])
+            pipe._busy.release()
+        if self._errors:
+            raise self._errors[0]
+
+    # --- drivers -------------------------------------------------------------------------------
+
+    def _sequential(self) -> Iterator[Event]:
+        pipe = self.pipe
+        # closing(): a cancelled reply still runs the LLM stage's bookkeeping right away.
+        with closing(pipe._llm_items(self)) as items:
+            yield from self._sequential_items(items)
+
+    def _sequential_items(self, items: Iterator[tuple[int, object]]) -> Iterator[Event]:
+        pipe = self.pipe
+        for kind, payload in items:
+            if kind == _TEXT:
+                yield payload
+                continue
+            hidden, final = payload
+            units = pipe._units_step(self, hidden)
+            wav = pipe._vocoder_step(self, units, final)
             if len(wav):
-                latency.setdefault("ttfa", time.perf_counter() - t0)
-                audio_out.append(wav)
-                yield AudioChunk(wav, self.sample_rate)
+                yield AudioChunk(wav, pipe.sample_rate)
+            self.token.check()
 
-        steps = self.llm.generate(self.config.max_new_tokens, ignore_eos=self.config.ignore_eos, first=first)
-        while True:
-            with clock.stage("llm_decode"):
-                item = next(steps, None)
-            if item is None:
-                break
-            token, hidden = item
-            tokens.append(token)
-            pending.append(hidden)
-            if token not in self.eos_ids:
-                piece = text_decoder.decode(self.llm.token_piece(token))
-                if piece:
-                    latency.setdefault("ttft", time.perf_counter() - t0)
-                    yield TextDelta(piece)
-            if len(pending) == self.omega:
-                yield from speak(final=False)
-        tail = text_decoder.decode(b"", final=True)
-        if tail:
-            yield TextDelta(tail)
-        yield from speak(final=True)
+    def _overlapped(self) -> Iterator[Event]:
+        pipe, token, clock = self.pipe, self.token, self.clock
+        size = pipe.config.queue_size
+        hidden_ch: Channel = Channel(size, token, "hidden")
+        units_ch: Channel = Channel(size, token, "units")
+        out: Channel = Channel(pipe.config.event_queue_size, token, "events")
 
-        total = time.perf_counter() - t0
-        reply = np.concatenate(audio_out) if audio_out else np.zeros(0, np.float32)
-        timings = dict(clock.seconds)
-        for name, seconds in timings.items():
-            yield Timing(name, seconds, clock.calls[name])
-        for name, seconds in latency.items():
+        def llm_worker() -> None:
+            with closing(pipe._llm_items(self)) as items:
+                for kind, payload in items:
+                    clock.waited("llm", (out if kind == _TEXT else hidden_ch).put(payload))
+            out.put(_LLM_DONE)
+
+        def units_worker() -> None:
+            final = False
+            while not final:
+                (hidden, final), waited = hidden_ch.get()
+                clock.waited("speech_generator", waited)
+                clock.waited("speech_generator", units_ch.put((pipe._units_step(self, hidden), final)))
+
+        def vocoder_worker() -> None:
+            final = False
+            while not final:
+                (units, final), waited = units_ch.get()
+                clock.waited("vocoder", waited)
+                wav = pipe._vocoder_step(self, units, final)
+                if len(wav):
+                    clock.waited("vocoder", out.put(AudioChunk(wav, pipe.sample_rate)))
+            out.put(_VOC_DONE)
+
+        for name, target in (("llm", llm_worker), ("units", units_worker), ("vocoder", vocoder_worker)):
+            t = threading.Thread(target=self._guard, args=(target,), name=f"omnilite-{name}", daemon=True)
+            self.threads.append(t)
+        for t in self.threads:
+            t.start()
+        try:
+            done = 0
+            while done < 2:
+                item, _ = out.get()
+                if item is _LLM_DONE or item is _VOC_DONE:
+                    done += 1
+                else:
+                    yield item
+        finally:
+            if token.cancelled:
+                out.clear()  # barge-in: audio not yet handed out is never played
+
+    def _guard(self, target) -> None:
+        """Run a stage; an error cancels the reply and is re-raised in the caller's thread."""
+        try:
+            target()
+        except Cancelled:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._errors.append(e)
+            self.token.cancel()
+
+    # --- events --------------------------------------------------------------------------------
+
+    def _hand_out(self, event: Event) -> Iterator[Event]:
+        """Latencies are taken where an event leaves the pipeline (handed to the caller)."""
+        latency = self.state.latency
+        if isinstance(event, TextDelta):
+            latency.setdefault("ttft", time.perf_counter() - self.t0)
+        elif isinstance(event, AudioChunk):
+            latency.setdefault("ttfa", time.perf_counter() - self.t0)
+            self.state.audio.append(event.samples)
+        yield event
+
+    def _summary(self) -> Iterator[Event]:
+        pipe, state, clock = self.pipe, self.state, self.clock
+        total = time.perf_counter() - self.t0
+        reply = np.concatenate(state.audio) if state.audio else np.zeros(0, np.float32)
+        timings = {k: v for k, v in clock.busy.items()}
+        for name in STAGES:
+            if name in timings:
+                yield Timing(name, timings[name], clock.calls[name])
+        for name, seconds in clock.wait.items():
+            timings[f"{name}_wait"] = seconds
+            yield Timing(f"{name}_wait", seconds)
+        for name, seconds in state.latency.items():
             yield Timing(name, seconds)
         yield Timing("total", total)
-        audio_seconds = len(reply) / self.sample_rate
+        latency = dict(state.latency)
+        audio_seconds = len(reply) / pipe.sample_rate
         if audio_seconds > 0:
-            synth = timings.get("speech_generator", 0.0) + timings.get("vocoder", 0.0)
-            latency["rtf"] = synth / audio_seconds
+            latency["rtf"] = (timings.get("speech_generator", 0.0) + timings.get("vocoder", 0.0)) / audio_seconds
         timings.update(latency, total=total)
-        text = self.llm.detokenize([t for t in tokens if t not in self.eos_ids])
-        yield Done(text=text, tokens=tokens, units=units, audio=reply, sample_rate=self.sample_rate, timings=timings)
+        text = pipe.llm.detokenize([t for t in state.tokens if t not in pipe.eos_ids])
+        yield Done(text=text, tokens=list(state.tokens), units=list(state.units), audio=reply,
+                   sample_rate=pipe.sample_rate, timings=timings, stats=dict(state.stats),
+                   turn=self.conversation.turns)

@@ -1,0 +1,409 @@
+"""`Session`: a live conversation over continuous audio.
+
+The microphone side calls `feed(block, rate)` with blocks of any size (10-40 ms is typical) at any
+rate; the speaker side calls `read_output(n)` for each block it plays. Between them:
+
+    feed -> stream resampler (16 kHz) -> VAD per 32 ms window -> endpointer
+         -> turn job -> runner thread: Pipeline reply (overlapped stages) in the Conversation
+         -> text events; audio into the playback buffer -> read_output
+
+Turn-taking: speech that lasts `min_speech_ms` opens a turn (TurnStarted); `min_silence_ms` of
+silence closes it (TurnEnded) and the reply starts. t0 for the turn's latencies is the last speech
+sample, timed by when the block holding it arrived, not when the endpointer fired. Speech that opens
+a turn while the assistant is still answering is a barge-in: queued audio is dropped at once (the
+next output block is silence), every reply stage is cancelled, `Interrupted` is emitted, and the new
+turn proceeds. The KV cache keeps the dialogue: a follow-up turn evaluates only its own positions,
+and the part before its speech is evaluated while the user is still silent or speaking.
+
+Events (TextDelta, Timing, Done, TurnStarted, TurnEnded, Interrupted) are collected with `poll()`.
+A turn's `Done` comes when its audio has been played out; its timings hold TTFT and TTFA measured
+from t0 (TTFA when `read_output` hands out the first sample) and its stats the underrun count:
+output blocks the speaker had to fill with silence because the vocoder had not kept real time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio import StreamResampler, to_mono
+from .errors import AudioError, OmniliteError
+from .events import AudioChunk, Done, Event, Interrupted, TextDelta, Timing, TurnEnded, TurnStarted
+from .pipeline import Conversation, Pipeline, Reply
+from .vad import VAD_RATE, WINDOW, make_vad
+
+log = logging.getLogger(__name__)
+
+_WINDOW_S = WINDOW / VAD_RATE
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    vad: str = "auto"  # "silero" (Silero VAD ONNX), "energy" (no model), "auto" (silero if installed)
+    vad_model: Path | None = None  # another Silero VAD ONNX file
+    threshold: float = 0.5  # speech probability that opens speech; it closes below threshold - 0.15
+    min_speech_ms: int = 160  # speech must last this long to open a turn (or to barge in)
+    min_silence_ms: int = 600  # silence that ends the user's turn
+    pad_ms: int = 160  # audio kept before the first and after the last speech window
+    max_turn_s: float = 29.0  # the encoder sees at most 30 s: a longer turn is closed here
+    barge_in: bool = True  # user speech during a reply interrupts it
+    playback_buffer_s: float = 30.0  # reply audio queued for the speaker; the vocoder waits beyond it
+
+    def windows(self, ms: float) -> int:
+        return max(1, int(round(ms / 1000 / _WINDOW_S)))
+
+
+@dataclass
+class _Job:
+    turn: int
+    audio: np.ndarray  # 16 kHz
+    t0: float
+    reply: Reply | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class _Playback:
+    """Reply audio waiting for the speaker, and the bookkeeping of the turn it belongs to."""
+
+    turn: int = 0
+    t0: float = 0.0
+    chunks: deque = field(default_factory=deque)
+    buffered: int = 0
+    played: int = 0
+    first_audio: float | None = None
+    underruns: int = 0
+    finished: bool = False  # the reply is complete: no more audio will come
+    done: Done | None = None
+    timings: list[Timing] = field(default_factory=list)
+
+
+class Session:
+    def __init__(self, pipeline: Pipeline, config: SessionConfig = SessionConfig()):
+        if not 0.0 < config.threshold < 1.0:
+            raise OmniliteError(f"VAD threshold {config.threshold} is outside (0, 1); use e.g. 0.5.")
+        if config.min_silence_ms < config.pad_ms:
+            raise OmniliteError(f"min_silence_ms ({config.min_silence_ms}) must be at least pad_ms ({config.pad_ms}); "
+                                "raise min_silence_ms or lower pad_ms.")
+        self.pipeline = pipeline
+        self.config = config
+        self.vad = make_vad(config.vad, config.vad_model)
+        self.output_rate = pipeline.sample_rate
+        self.conversation = Conversation()
+        self._lock = threading.RLock()
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._errors: list[BaseException] = []
+        # input side
+        self._resampler: StreamResampler | None = None
+        self._pending = np.zeros(0, np.float32)  # 16 kHz samples short of a full VAD window
+        self._pos = 0  # 16 kHz samples consumed by the VAD
+        self._clock: deque[tuple[float, float]] = deque(maxlen=256)  # (16 kHz input position, capture time)
+        self._preroll: deque[np.ndarray] = deque(maxlen=config.windows(config.pad_ms) + config.windows(config.min_speech_ms))
+        self._speech_run = 0
+        self._in_speech = False
+        self._utterance: list[np.ndarray] = []
+        self._utt_start = 0
+        self._last_speech_end = 0
+        self._silence_run = 0
+        self._turn = 0
+        # reply side
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._job: _Job | None = None  # queued or running
+        self._play: _Playback | None = None
+        self._room = threading.Condition(self._lock)  # playback buffer has room / was cleared
+        self._closed = False
+        self._runner = threading.Thread(target=self._run, name="omnilite-session", daemon=True)
+        self._runner.start()
+
+    # --- microphone side -----------------------------------------------------------------------
+
+    def feed(self, pcm: np.ndarray, sample_rate: int, captured_at: float | None = None) -> None:
+        """Add a block of microphone audio ((n,) or (n, channels), any rate). `captured_at`
+        (time.perf_counter()) is when its last sample was captured; by default, now."""
+        now = time.perf_counter() if captured_at is None else captured_at
+        self._raise_errors()
+        if self._closed:
+            raise OmniliteError("this session is closed; open a new Session.")
+        if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+            raise AudioError(f"feed() got sample rate {sample_rate!r}; pass the microphone rate in Hz, e.g. 16000.")
+        block = to_mono(pcm)
+        if not np.isfinite(block).all():
+            raise AudioError("the audio block contains NaN or infinite samples; check the microphone stream.")
+        with self._lock:
+            if self._resampler is None:
+                self._resampler = StreamResampler(int(sample_rate), VAD_RATE)
+            elif self._resampler.src_rate != sample_rate:
+                raise AudioError(f"feed() got {sample_rate} Hz after {self._resampler.src_rate} Hz; a session takes one "
+                                 "input rate, so open a new Session for the new rate.")
+            audio = np.concatenate([self._pending, self._resampler.push(block)])
+            self._clock.append((self._resampler.received * VAD_RATE / self._resampler.src_rate, now))
+            n = len(audio) // WINDOW * WINDOW
+            for start in range(0, n, WINDOW):
+                self._window(audio[start:start + WINDOW])
+            self._pending = audio[n:]
+
+    def _time_of(self, position: float) -> float:
+        """Capture time of 16 kHz input position `position`, interpolated between block arrivals."""
+        prev = None
+        for pos, t in self._clock:
+            if pos >= position:
+                if prev is None:
+                    return t - (pos - position) / VAD_RATE
+                p0, t0 = prev
+                return t0 + (t - t0) * (position - p0) / max(pos - p0, 1e-9)
+            prev = (pos, t)
+        pos, t = self._clock[-1]
+        return t + (position - pos) / VAD_RATE
+
+    def _window(self, window: np.ndarray) -> None:
+        cfg = self.config
+        p = self.vad(window)
+        start = self._pos
+        self._pos += WINDOW
+        if not self._in_speech:
+            self._preroll.append(window)
+            self._speech_run = self._speech_run + 1 if p >= cfg.threshold else 0
+            if self._speech_run >= cfg.windows(cfg.min_speech_ms):
+                self._open_turn(start + WINDOW - self._speech_run * WINDOW)
+            return
+        self._utterance.append(window)
+        if p >= cfg.threshold - 0.15:
+            self._silence_run = 0
+            self._last_speech_end = self._pos
+        else:
+            self._silence_run += 1
+        too_long = (self._pos - self._utt_start) / VAD_RATE >= cfg.max_turn_s
+        if self._silence_run >= cfg.windows(cfg.min_silence_ms) or too_long:
+            self._close_turn(self._pos if too_long else self._last_speech_end)
+
+    def _open_turn(self, speech_start: int) -> None:
+        cfg = self.config
+        if self._responding():
+            if not cfg.barge_in:
+                self._speech_run = 0  # the assistant has the floor
+                return
+            self._interrupt()
+        pad = cfg.windows(cfg.pad_ms)
+        keep = min(len(self._preroll), self._speech_run + pad)
+        self._utterance = list(self._preroll)[-keep:]
+        self._utt_start = self._pos - keep * WINDOW
+        self._preroll.clear()
+        self._in_speech = True
+        self._silence_run = 0
+        self._last_speech_end = self._pos
+        self._turn += 1
+        self._events.put(TurnStarted(self._turn, speech_start / VAD_RATE))
+
+    def _close_turn(self, speech_end: int) -> None:
+        pad = self.config.windows(self.config.pad_ms)
+        end = min(self._pos, speech_end + pad * WINDOW)
+        audio = np.concatenate(self._utterance)[: end - self._utt_start]
+        t0 = self._time_of(speech_end)
+        self._events.put(TurnEnded(self._turn, self._utt_start / VAD_RATE, speech_end / VAD_RATE,
+                                   (self._pos - speech_end) / VAD_RATE))
+        self._in_speech = False
+        self._speech_run = 0
+        self._utterance = []
+        job = _Job(self._turn, audio, t0)
+        self._job = job
+        self._jobs.put(job)
+
+    def _responding(self) -> bool:
+        return self._job is not None or self._play is not None
+
+    def _interrupt(self) -> None:
+        """Barge-in: silence the speaker now, cancel every stage, drop what is queued."""
+        job, play = self._job, self._play
+        turn = job.turn if job is not None else play.turn
+        played = play.played / self.output_rate if play is not None and play.turn == turn else 0.0
+        self._play = None
+        self._room.notify_all()
+        if job is not None:
+            job.cancelled = True
+            if job.reply is not None:
+                job.reply.cancel()
+            self._job = None
+        self._events.put(Interrupted(turn, played))
+
+    # --- speaker side --------------------------------------------------------------------------
+
+    def read_output(self, n: int) -> np.ndarray:
+        """The next `n` samples for the speaker (at `output_rate`); silence when nothing is due."""
+        out = np.zeros(n, np.float32)
+        with self._lock:
+            play = self._play
+            if play is None:
+                return out
+            got = 0
+            while got < n and play.chunks:
+                chunk = play.chunks[0]
+                take = min(n - got, len(chunk))
+                out[got:got + take] = chunk[:take]
+                got += take
+                if take == len(chunk):
+                    play.chunks.popleft()
+                else:
+                    play.chunks[0] = chunk[take:]
+            if got:
+                if play.first_audio is None:
+                    play.first_audio = time.perf_counter()
+                play.buffered -= got
+                play.played += got
+                self._room.notify_all()
+            if got < n:
+                if play.finished:
+                    self._complete(play)
+                elif play.first_audio is not None:
+                    play.underruns += 1  # mid-reply and nothing to play: the vocoder fell behind
+        return out
+
+    def _push_audio(self, job: _Job, samples: np.ndarray) -> None:
+        limit = int(self.config.playback_buffer_s * self.output_rate)
+        with self._lock:
+            while True:
+                play = self._play
+                if job.cancelled or play is None or play.turn != job.turn:
+                    return  # interrupted: this audio is never played
+                if play.buffered < limit or play.buffered == 0:
+                    play.chunks.append(samples)
+                    play.buffered += len(samples)
+                    return
+                self._room.wait(0.1)
+
+    def _complete(self, play: _Playback) -> None:
+        """The turn's reply has been played out: publish its timings and Done."""
+        self._play = None
+        if self._job is not None and self._job.turn == play.turn:
+            self._job = None
+        done = play.done
+        timings = dict(done.timings)
+        stats = dict(done.stats, underruns=play.underruns)
+        if "ttfa" in timings:
+            timings["ttfa_ready"] = timings["ttfa"]  # when the pipeline handed the first audio over
+        if play.first_audio is not None:
+            timings["ttfa"] = play.first_audio - play.t0  # when the speaker took the first sample
+        else:
+            timings.pop("ttfa", None)
+        for t in play.timings:
+            if t.stage == "ttfa":
+                if "ttfa" in timings:
+                    self._events.put(Timing("ttfa", timings["ttfa"]))
+                self._events.put(Timing("ttfa_ready", t.seconds))
+            else:
+                self._events.put(t)
+        self._events.put(dataclasses.replace(done, timings=timings, stats=stats, turn=play.turn))
+
+    # --- reply runner --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.pipeline.prepare(self.conversation)  # the system prompt, before anyone speaks
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                self._answer(job)
+                # The next user turn's header goes into the cache while this reply is played.
+                self.pipeline.prepare(self.conversation)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by poll()/feed()
+            log.debug("session runner failed", exc_info=True)
+            self._errors.append(e)
+            self._events.put(None)  # wake a waiting poll()
+
+    def _answer(self, job: _Job) -> None:
+        with self._lock:
+            if job.cancelled:
+                return
+            reply = self.pipeline.start_reply(job.audio, VAD_RATE, conversation=self.conversation, t0=job.t0)
+            job.reply = reply
+            play = _Playback(turn=job.turn, t0=job.t0)
+            self._play = play
+        timings: list[Timing] = []
+        done: Done | None = None
+        try:
+            for event in reply:
+                if isinstance(event, AudioChunk):
+                    self._push_audio(job, event.samples)
+                elif isinstance(event, Timing):
+                    timings.append(event)
+                elif isinstance(event, Done):
+                    done = event
+                elif not job.cancelled:
+                    self._events.put(event)
+        except AudioError as e:
+            # An utterance the pipeline refuses (e.g. near-silent) ends this turn, not the session.
+            log.warning("turn %d skipped: %s", job.turn, e)
+            with self._lock:
+                if self._play is play:
+                    self._play = None
+                if self._job is job:
+                    self._job = None
+            return
+        with self._lock:
+            if done is None or job.cancelled or self._play is not play:
+                return
+            play.done, play.timings, play.finished = done, timings, True
+            if play.buffered == 0 and (play.first_audio is not None or not done.audio.size):
+                self._complete(play)
+
+    # --- consumer API --------------------------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """Events so far (waiting up to `timeout` seconds for the first). Raises a runner error."""
+        events: list[Event] = []
+        try:
+            first = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+            if first is not None:
+                events.append(first)
+            while True:
+                e = self._events.get_nowait()
+                if e is not None:
+                    events.append(e)
+        except queue.Empty:
+            pass
+        self._raise_errors()
+        return events
+
+    @property
+    def idle(self) -> bool:
+        """No user speech open, no reply pending, running or being played."""
+        with self._lock:
+            return not self._in_speech and not self._responding()
+
+    @property
+    def turns(self) -> int:
+        return self._turn
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            raise self._errors[0]
+
+    def close(self) -> None:
+        """Cancel any reply and stop the runner thread (the pipeline stays open)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            job = self._job
+            if job is not None:
+                job.cancelled = True
+                if job.reply is not None:
+                    job.reply.cancel()
+            self._play = None
+            self._room.notify_all()
+        self._jobs.put(None)
+        self._runner.join()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

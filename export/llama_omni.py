@@ -168,6 +168,7 @@ def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, opti
             "n_embd": c["hidden_size"],
             "eos_ids": sorted(ref.eos_ids),
             "prompt": {"prefix_ids": ref.prompt.prefix_ids, "suffix_ids": ref.prompt.suffix_ids,
+                       "turn_prefix_ids": ref.prompt.turn_prefix_ids,
                        "system": SYSTEM_PROMPT, "user": USER_INSTRUCTION, "template": "llama_3"},
             "max_context": int(c.get("tokenizer_model_max_length", 2048)),
         },

@@ -8,7 +8,7 @@ prompt starts with two BOS tokens; we reproduce that, since it is what the model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -37,6 +37,14 @@ class SpeechPrompt:
     prefix_ids: list[int]
     suffix_ids: list[int]
     text: str
+    # Follow-up turns: after the assistant's reply, these ids close it and open the next user turn,
+    # whose speech is followed by suffix_ids again (the same user instruction).
+    turn_prefix_ids: list[int] = field(default_factory=list)
+
+
+def turn_separator() -> str:
+    """What the llama_3 template puts between an assistant reply and the next user message."""
+    return "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
 
 
 def speech_prompt(tokenizer_json: Path, system: str = SYSTEM_PROMPT, user: str = USER_INSTRUCTION) -> SpeechPrompt:
@@ -48,4 +56,5 @@ def speech_prompt(tokenizer_json: Path, system: str = SYSTEM_PROMPT, user: str =
     bos = tok.token_to_id("<|begin_of_text|>")
     # The first piece is kept whole; later pieces lose the BOS the tokenizer prepended.
     drop = 1 if pieces[0][:1] == [bos] else 0
-    return SpeechPrompt(prefix_ids=pieces[0], suffix_ids=pieces[1][drop:], text=text)
+    turn = tok.encode(turn_separator(), add_special_tokens=False).ids
+    return SpeechPrompt(prefix_ids=pieces[0], suffix_ids=pieces[1][drop:], text=text, turn_prefix_ids=turn)

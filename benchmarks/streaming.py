@@ -1,0 +1,157 @@
+"""Overlapped vs sequential stages: time to first audio (TTFA) and first text, in one run.
+
+    python -m omnilite.benchmarks.streaming BUNDLE [--runs 20] [--omega 1 2 5 10]
+
+Both modes answer the same question with the same pipeline (same loaded sessions, same chunking,
+identical output, which is checked); runs alternate the order of the two modes so that drift on
+a shared machine hits both alike. t0 is the respond() call (the question audio is complete), as
+DESIGN.md defines for respond. The ratio is sequential p50 / overlapped p50 (above 1: overlapping
+is faster). Writes JSON and a short markdown table. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from omnilite.runtime import Done, Pipeline, PipelineConfig
+from omnilite.runtime.audio import read_wav
+
+log = logging.getLogger(__name__)
+
+QUESTION = Path(__file__).resolve().parents[1] / "omnilite" / "data" / "question.wav"
+MODES = ("sequential", "overlapped")
+METRICS = ("ttfa", "ttft", "total")
+
+
+@dataclass(frozen=True)
+class StreamingBench:
+    runs: int = 20
+    warmup: int = 2
+    omegas: tuple[int, ...] = (1, 2, 5, 10)
+    max_new_tokens: int = 60
+    threads: int | None = None
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("numpy", "onnxruntime", "llama_cpp_python"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values)
+    return {"p50_ms": float(np.percentile(a, 50) * 1000), "p95_ms": float(np.percentile(a, 95) * 1000)}
+
+
+def run(bundle: str | Path, bench: StreamingBench = StreamingBench(), question: Path = QUESTION) -> dict:
+    audio, rate = read_wav(question)
+    results = {
+        "benchmark": "streaming: overlapped vs sequential stages",
+        "bundle": str(bundle),
+        "question": question.name,
+        # Load average: other processes on a shared machine slow both modes, not always alike.
+        "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
+                 "loadavg_1m_before": os.getloadavg()[0]},
+        "versions": _versions(),
+        "config": {"runs": bench.runs, "warmup": bench.warmup, "max_new_tokens": bench.max_new_tokens,
+                   "threads": bench.threads or "default"},
+        "omega": {},
+    }
+    for omega in bench.omegas:
+        config = PipelineConfig(omega=omega, max_new_tokens=bench.max_new_tokens, ignore_eos=True, threads=bench.threads)
+        samples: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in MODES}
+        reference: dict[str, Done] = {}
+        with Pipeline.load(bundle, config) as pipe:
+            for i in range(bench.warmup + bench.runs):
+                order = MODES if i % 2 == 0 else MODES[::-1]
+                for mode in order:
+                    done = list(pipe.respond(audio, rate, mode=mode))[-1]
+                    reference.setdefault(mode, done)
+                    if i >= bench.warmup:
+                        for k in METRICS:
+                            samples[mode][k].append(done.timings[k])
+        seq, ovl = reference["sequential"], reference["overlapped"]
+        identical = seq.tokens == ovl.tokens and np.array_equal(seq.audio, ovl.audio)
+        if not identical:
+            log.error("omega %d: overlapped and sequential replies differ", omega)
+        entry = {m: {k: _percentiles(v) for k, v in samples[m].items()} for m in MODES}
+        entry["ttfa_ratio_p50"] = entry["sequential"]["ttfa"]["p50_ms"] / entry["overlapped"]["ttfa"]["p50_ms"]
+        entry["total_ratio_p50"] = entry["sequential"]["total"]["p50_ms"] / entry["overlapped"]["total"]["p50_ms"]
+        entry["identical_output"] = bool(identical)
+        entry["reply_audio_s"] = len(seq.audio) / seq.sample_rate
+        results["omega"][str(omega)] = entry
+        log.info("omega %d: TTFA ratio %.2f", omega, entry["ttfa_ratio_p50"])
+    results["host"]["loadavg_1m_after"] = os.getloadavg()[0]
+    return results
+
+
+def markdown(results: dict) -> str:
+    c = results["config"]
+    lines = [
+        "# Streaming: overlapped vs sequential stages",
+        "",
+        f"Bundle `{Path(results['bundle']).name}`, question `{results['question']}`, {c['max_new_tokens']} tokens "
+        f"(forced), {c['runs']} runs per mode after {c['warmup']} warm-up, modes alternating. Host: "
+        f"{results['host']['system']} {results['host']['machine']}, {results['host']['cpus']} CPUs (1-min load "
+        f"{results['host']['loadavg_1m_before']:.1f} before, {results['host']['loadavg_1m_after']:.1f} after); "
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        "t0 = the respond() call (complete question audio). Ratio = sequential p50 / overlapped p50.",
+        "",
+        "| omega | TTFA seq p50 / p95 (ms) | TTFA ovl p50 / p95 (ms) | TTFA ratio | total seq / ovl p50 (ms) | total ratio | identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for omega, e in results["omega"].items():
+        s, o = e["sequential"], e["overlapped"]
+        lines.append(
+            f"| {omega} | {s['ttfa']['p50_ms']:.1f} / {s['ttfa']['p95_ms']:.1f} | {o['ttfa']['p50_ms']:.1f} / "
+            f"{o['ttfa']['p95_ms']:.1f} | {e['ttfa_ratio_p50']:.2f} | {s['total']['p50_ms']:.1f} / "
+            f"{o['total']['p50_ms']:.1f} | {e['total_ratio_p50']:.2f} | {'yes' if e['identical_output'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    js.write_text(json.dumps(results, indent=2) + "\n")
+    md.write_text(markdown(results))
+    return js, md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m omnilite.benchmarks.streaming", description=__doc__.split("\n")[0])
+    p.add_argument("bundle")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--omega", type=int, nargs="+", default=[1, 2, 5, 10])
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--name", default="streaming-tiny")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t = time.perf_counter()
+    results = run(args.bundle, StreamingBench(args.runs, args.warmup, tuple(args.omega), args.max_new_tokens, args.threads))
+    js, md = write(results, Path(args.out_dir), args.name)
+    print(markdown(results))
+    for omega, e in results["omega"].items():
+        print(f"omega {omega}: TTFA sequential/overlapped = {e['ttfa_ratio_p50']:.2f}x")
+    print(f"wrote {js} and {md} in {time.perf_counter() - t:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""Load a LLaMA-Omni2 release exactly as a user who followed the official README has it on disk.
+
+Layout (ictnlp/LLaMA-Omni2 README)::
+
+    ROOT/models/LLaMA-Omni2-0.5B/          HF dir: config.json (model_type omni2_speech2s_qwen2, the TTS
+                                           LM config nested under "speech_generator", "stream_params"),
+                                           safetensors, Qwen2.5 tokenizer with <speech>, tts_tokenizer/
+    ROOT/models/speech_encoder/large-v3.pt openai-whisper checkpoint
+    ROOT/models/cosy2_decoder/             cosyvoice.yaml, flow.pt, hift.pt ("generator." prefix,
+                                           weight-norm pairs), campplus.onnx, speech_tokenizer_v2.onnx,
+                                           spk2info.pt, CosyVoice-BlankEN/
+
+Tensor prefixes: the Qwen2 LLM at the top level (``model.*``, ``lm_head``), ``model.speech_encoder.*``
+(Whisper encoder, optional: the official model builds it from large-v3.pt and a full save repeats it),
+``model.speech_projector.linear{1,2}``, ``speech_generator.model.*`` (TTS Qwen2ForCausalLM),
+``speech_generator.input_proj.{0,2}``, ``speech_generator.gate.0``. Every tensor is shape-checked
+against its config; a mismatch names the tensor, the file and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from omnilite.runtime.errors import CheckpointError
+
+from ..checkpoint import LazyTensor, SafetensorsDir, _check_and_load, _torch_load
+from ..speech_encoder import AudioEncoder, ConcatAdapter, EncoderWithAdapter
+from ..unit_vocoder import fold_weight_norm
+from .cosy_yaml import load_cosyvoice_yaml
+from .flow import CausalMaskedDiffWithXvec, FlowConfig
+from .hift import HiFT, HiFTConfig
+from .tts import SpeechGenerator
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("omni2_speech2s_qwen2",)
+S2T_MODEL_TYPE = "omni2_speech_qwen2"
+DECODER_DIR = Path("models/cosy2_decoder")
+ENCODER_FILE = Path("models/speech_encoder/large-v3.pt")
+_QWEN_KEYS_DROP = ("model_type", "architectures", "speech_generator", "stream_params")
+
+
+def parse_stream_params(value: str | None) -> tuple[int, int]:
+    """config "stream_params" is a string tuple "(R,W)" (the official code evals it)."""
+    m = re.fullmatch(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*", str(value or "(1,1)"))
+    if not m:
+        raise CheckpointError(f"config.json has stream_params {value!r}; expected a string like \"(3,10)\".")
+    return int(m.group(1)), int(m.group(2))
+
+
+def qwen_config(d: Mapping) -> Qwen2Config:
+    cfg = Qwen2Config(**{k: v for k, v in d.items() if k not in _QWEN_KEYS_DROP and not k.startswith("speech_") and k not in (
+        "unit_vocab_size", "tokenizer_model_max_length", "tokenizer_padding_side")})
+    return cfg
+
+
+def flow_config(y: dict, path: Path) -> FlowConfig:
+    try:
+        f = y["flow"]
+        enc, cfm = f["encoder"], f["decoder"]
+        est, params = cfm["estimator"], cfm["cfm_params"]
+        params = params.get("content", params)  # omegaconf.DictConfig wraps its values in "content"
+        return FlowConfig(
+            vocab_size=int(f["vocab_size"]), input_size=int(f["input_size"]), output_size=int(f["output_size"]),
+            spk_embed_dim=int(f["spk_embed_dim"]), token_mel_ratio=int(f.get("token_mel_ratio", 2)),
+            pre_lookahead_len=int(f.get("pre_lookahead_len", 3)), input_frame_rate=int(f.get("input_frame_rate", 25)),
+            attention_heads=int(enc["attention_heads"]), linear_units=int(enc["linear_units"]), num_blocks=int(enc["num_blocks"]),
+            channels=tuple(int(c) for c in est["channels"]), attention_head_dim=int(est["attention_head_dim"]),
+            n_blocks=int(est["n_blocks"]), num_mid_blocks=int(est["num_mid_blocks"]), num_heads=int(est["num_heads"]),
+            inference_cfg_rate=float(params["inference_cfg_rate"]), t_scheduler=str(params.get("t_scheduler", "cosine")),
+            # LLaMA-Omni2 sets the encoder chunk to 2 * input_frame_rate tokens at load time.
+            chunk_tokens=2 * int(f.get("input_frame_rate", 25)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} lacks flow setting {e}; it is not a CosyVoice2 decoder config.") from None
+
+
+def hift_config(y: dict, path: Path) -> HiFTConfig:
+    try:
+        h = y["hift"]
+        return HiFTConfig(
+            in_channels=int(h["in_channels"]), base_channels=int(h["base_channels"]), nb_harmonics=int(h["nb_harmonics"]),
+            sampling_rate=int(h["sampling_rate"]), nsf_alpha=float(h["nsf_alpha"]), nsf_sigma=float(h["nsf_sigma"]),
+            nsf_voiced_threshold=float(h["nsf_voiced_threshold"]), upsample_rates=tuple(h["upsample_rates"]),
+            upsample_kernel_sizes=tuple(h["upsample_kernel_sizes"]), n_fft=int(h["istft_params"]["n_fft"]),
+            hop_len=int(h["istft_params"]["hop_len"]), resblock_kernel_sizes=tuple(h["resblock_kernel_sizes"]),
+            resblock_dilation_sizes=tuple(tuple(d) for d in h["resblock_dilation_sizes"]),
+            source_resblock_kernel_sizes=tuple(h["source_resblock_kernel_sizes"]),
+            source_resblock_dilation_sizes=tuple(tuple(d) for d in h["source_resblock_dilation_sizes"]),
+            lrelu_slope=float(h["lrelu_slope"]), audio_limit=float(h["audio_limit"]),
+            f0_cond_channels=int(h["f0_predictor"]["cond_channels"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} lacks HiFT setting {e}; it is not a CosyVoice2 decoder config.") from None
+
+
+def _weight_norm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torch's newer parametrized weight norm (``parametrizations.weight.original0/1``) -> weight_g/_v."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace(".parametrizations.weight.original0", ".weight_g").replace(".parametrizations.weight.original1", ".weight_v")
+        out[k] = v
+    return out
+
+
+@dataclass
+class Omni2Checkpoint:
+    model_dir: Path
+    decoder_dir: Path
+    encoder_path: Path | None  # None: the speech encoder is inside the safetensors
+    config: dict
+    llm_config: Qwen2Config = field(repr=False)
+    tts_config: Qwen2Config = field(repr=False)
+    flow_config: FlowConfig = field(repr=False)
+    hift_config: HiFTConfig = field(repr=False)
+    cosy: dict = field(repr=False)
+    tensors: SafetensorsDir = field(repr=False)
+    whisper_dims: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path, speech_encoder: str | Path | None = None, decoder: str | Path | None = None) -> "Omni2Checkpoint":
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist; pass the directory of the downloaded LLaMA-Omni2 model.")
+        model_dir = path
+        if not (path / "config.json").exists():
+            found = sorted((path / "models").glob("LLaMA-Omni2-*/config.json")) if (path / "models").is_dir() else []
+            if len(found) != 1:
+                raise CheckpointError(
+                    f"{path} has no config.json (nor exactly one models/LLaMA-Omni2-*/config.json); pass the LLaMA-Omni2 model directory."
+                )
+            model_dir = found[0].parent
+        config = json.loads((model_dir / "config.json").read_text())
+        mt = config.get("model_type")
+        if mt == S2T_MODEL_TYPE:
+            raise CheckpointError(f"{model_dir} is a speech-to-text LLaMA-Omni2 ({mt}) without a speech generator; use an omni2_speech2s_qwen2 release.")
+        if mt not in MODEL_TYPES:
+            raise CheckpointError(f"{model_dir / 'config.json'} has model_type {mt!r}, not 'omni2_speech2s_qwen2'; this exporter reads LLaMA-Omni2 releases.")
+        if not isinstance(config.get("speech_generator"), dict):
+            raise CheckpointError(f"{model_dir / 'config.json'} has no 'speech_generator' dict (the TTS LM config); the config is incomplete.")
+        for sub in ("tokenizer.json", "tts_tokenizer/tokenizer.json", "tts_tokenizer/tokenizer_config.json"):
+            if not (model_dir / sub).exists():
+                raise CheckpointError(f"{model_dir / sub} is missing; download the complete LLaMA-Omni2 model directory.")
+        roots = [model_dir.parent.parent, model_dir.parent, Path.cwd()]
+        dec = Path(decoder) if decoder else next((r / DECODER_DIR for r in roots if (r / DECODER_DIR).is_dir()), model_dir.parent / "cosy2_decoder")
+        for f, what in (("cosyvoice.yaml", "CosyVoice2 config"), ("flow.pt", "flow-matching weights"), ("hift.pt", "HiFT vocoder weights"),
+                        ("campplus.onnx", "speaker-embedding model")):
+            if not (dec / f).exists():
+                raise CheckpointError(f"{dec / f} ({what}) is missing; download ICTNLP/cosy2_decoder to models/cosy2_decoder or pass --decoder.")
+        cosy = load_cosyvoice_yaml(dec / "cosyvoice.yaml")
+        tensors = SafetensorsDir(model_dir)
+        encoder_path = None
+        has_encoder = any(n.startswith("model.speech_encoder.") for n in tensors)
+        if speech_encoder or not has_encoder:
+            named = Path(config.get("speech_encoder", ENCODER_FILE))
+            candidates = [Path(speech_encoder)] if speech_encoder else [named] + [r / named for r in roots] + [r / ENCODER_FILE for r in roots]
+            encoder_path = next((p for p in candidates if p.is_file()), candidates[0])
+            if not encoder_path.is_file():
+                raise CheckpointError(f"{encoder_path} (Whisper-large-v3 encoder) is missing; download it as the LLaMA-Omni2 README says or pass --speech-encoder.")
+        self = cls(
+            model_dir=model_dir, decoder_dir=dec, encoder_path=encoder_path, config=config,
+            llm_config=qwen_config(config), tts_config=Qwen2Config(**{k: v for k, v in config["speech_generator"].items() if k not in ("model_type", "architectures")}),
+            flow_config=flow_config(cosy, dec / "cosyvoice.yaml"), hift_config=hift_config(cosy, dec / "cosyvoice.yaml"),
+            cosy=cosy, tensors=tensors,
+        )
+        if encoder_path is not None:
+            ck = _torch_load(encoder_path)
+            if not isinstance(ck, dict) or "dims" not in ck or "model_state_dict" not in ck:
+                raise CheckpointError(f"{encoder_path} is not an openai-whisper checkpoint (no 'dims'/'model_state_dict'); pass large-v3.pt.")
+            self.whisper_dims = dict(ck["dims"])
+            self._whisper = (ck["model_state_dict"], "encoder.", lambda _: str(encoder_path))
+        else:
+            self.whisper_dims = self._dims_from_tensors()
+            self._whisper = (tensors, "model.speech_encoder.", tensors.file_of)
+        return self
+
+    def _dims_from_tensors(self) -> dict:
+        t = self.tensors
+        n_state, n_mels, _ = t.shape("model.speech_encoder.conv1.weight")
+        layers = len({n.split(".")[3] for n in t if n.startswith("model.speech_encoder.blocks.")})
+        heads = {1280: 20, 1024: 16, 768: 12, 512: 8, 384: 6}.get(n_state, self.config.get("speech_encoder_num_heads", max(1, n_state // 64)))
+        return {"n_mels": n_mels, "n_audio_ctx": t.shape("model.speech_encoder.positional_embedding")[0],
+                "n_audio_state": n_state, "n_audio_head": heads, "n_audio_layer": layers}
+
+    # ----- facts the exporter needs -----
+    @property
+    def stream_params(self) -> tuple[int, int]:
+        return parse_stream_params(self.config.get("stream_params"))
+
+    @property
+    def tts_tokenizer_dir(self) -> Path:
+        return self.model_dir / "tts_tokenizer"
+
+    def tts_specials(self) -> dict[str, int]:
+        """eos, pad and <sep> ids of the TTS tokenizer, and the id -> speech-unit map.
+
+        Speech tokens are the added, non-special tokens whose text is one integer wrapped in markup
+        (the official code recovers units by extracting the integers of the decoded text)."""
+        tok = json.loads((self.tts_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        cfg = json.loads((self.tts_tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        by_text = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+        by_text.update({k: v for k, v in tok["model"]["vocab"].items() if k not in by_text})
+
+        def special(name: str) -> int:
+            value = cfg.get(name)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is None or value not in by_text:
+                raise CheckpointError(f"{self.tts_tokenizer_dir / 'tokenizer_config.json'} names no usable {name}; the TTS tokenizer is incomplete.")
+            return int(by_text[value])
+
+        if "<sep>" not in by_text:
+            raise CheckpointError(f"{self.tts_tokenizer_dir / 'tokenizer.json'} has no <sep> token; the TTS tokenizer is incomplete.")
+        units = {}
+        for t in tok.get("added_tokens", []):
+            m = re.fullmatch(r"\D*?(\d+)\D*", t["content"])
+            if m and not t.get("special", False):
+                units[int(t["id"])] = int(m.group(1))
+        if not units:
+            raise CheckpointError(f"{self.tts_tokenizer_dir / 'tokenizer.json'} has no speech-unit tokens; it is not a LLaMA-Omni2 TTS tokenizer.")
+        return {"eos": special("eos_token"), "pad": special("pad_token") if cfg.get("pad_token") else special("eos_token"),
+                "sep": int(by_text["<sep>"]), "units": units}
+
+    # ----- reference modules (fp32) -----
+    def speech_encoder(self) -> EncoderWithAdapter:
+        d = self.whisper_dims
+        width = self.config.get("speech_encoder_hidden_size", 1280)
+        if d["n_audio_state"] != width:
+            raise CheckpointError(f"the Whisper encoder has width {d['n_audio_state']} but config.json says speech_encoder_hidden_size={width}; use the matching encoder.")
+        enc = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
+        source, prefix, file_of = self._whisper
+        _check_and_load(enc, source, prefix, file_of, "Whisper encoder")
+        adapter = ConcatAdapter(int(self.config.get("speech_encoder_ds_rate", 5)), d["n_audio_state"], self.config["hidden_size"])
+        _check_and_load(adapter, self.tensors, "model.speech_projector.", self.tensors.file_of, "speech projector")
+        return EncoderWithAdapter(enc, adapter).eval()
+
+    def _qwen(self, cfg: Qwen2Config, prefix: str, what: str) -> Qwen2ForCausalLM:
+        model = Qwen2ForCausalLM(cfg)
+        tied = bool(cfg.tie_word_embeddings)
+        skip = {"lm_head.weight"} if tied else set()
+        if tied and prefix + "model.embed_tokens.weight" not in self.tensors and prefix + "lm_head.weight" in self.tensors:
+            # A tied pair saved under the head's name only (safetensors drops one of two shared tensors).
+            model.model.embed_tokens.weight.data = self.tensors[prefix + "lm_head.weight"].float()
+            skip = {"model.embed_tokens.weight", "lm_head.weight"}
+        _check_and_load(model, self.tensors, prefix, self.tensors.file_of, what, skip=skip)
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def llm(self) -> Qwen2ForCausalLM:
+        return self._qwen(self.llm_config, "", "Qwen2.5 LLM")
+
+    def speech_generator(self) -> SpeechGenerator:
+        gen = SpeechGenerator(self.config["hidden_size"], self.tts_config)
+        gen.model = self._qwen(self.tts_config, "speech_generator.model.", "TTS LM")
+        fusion = torch.nn.ModuleDict({"input_proj": gen.input_proj, "gate": gen.gate})
+        _check_and_load(fusion, self.tensors, "speech_generator.", self.tensors.file_of, "gate fusion")
+        return gen.eval()
+
+    def qwen_tensors(self, prefix: str, cfg: Qwen2Config) -> dict[str, LazyTensor]:
+        """HF-named tensors of one Qwen2 LM (prefix stripped) for the GGUF writer, read lazily."""
+        names = [n for n in self.tensors if n.startswith(prefix)]
+        if prefix == "":
+            names = [n for n in names if not n.startswith(("model.speech_", "speech_generator."))]
+        out = {n[len(prefix):]: LazyTensor(self.tensors, n) for n in names}
+        if cfg.tie_word_embeddings and "model.embed_tokens.weight" not in out and "lm_head.weight" in out:
+            out["model.embed_tokens.weight"] = out.pop("lm_head.weight")
+        return out
+
+    def flow(self) -> CausalMaskedDiffWithXvec:
+        path = self.decoder_dir / "flow.pt"
+        state = _torch_load(path)
+        model = CausalMaskedDiffWithXvec(self.flow_config)
+        _check_and_load(model, state, "", lambda _: str(path), "CosyVoice2 flow")
+        return model.eval()
+
+    def hift(self) -> HiFT:
+        path = self.decoder_dir / "hift.pt"
+        state = _torch_load(path)
+        state = {k[len("generator."):] if k.startswith("generator.") else k: v for k, v in state.items()}
+        state = fold_weight_norm(_weight_norm_names(state))
+        model = HiFT(self.hift_config)
+        _check_and_load(model, state, "", lambda _: str(path), "HiFT vocoder")
+        return model.eval()
+
+    def speaker_embedding(self, wav_16k: np.ndarray) -> np.ndarray:
+        """CAM++ x-vector (192,) of a speaker prompt, as the official frontend computes it."""
+        from omnilite.runtime.onnx_session import open_session
+
+        from .fbank import kaldi_fbank
+
+        feat = kaldi_fbank(wav_16k)
+        feat = feat - feat.mean(axis=0, keepdims=True)
+        sess = open_session(self.decoder_dir / "campplus.onnx")
+        out = sess.run(None, {sess.get_inputs()[0].name: feat[None].astype(np.float32)})[0]
+        return np.asarray(out, np.float32).reshape(-1)

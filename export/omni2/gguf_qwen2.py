@@ -1,0 +1,144 @@
+"""Write a HF Qwen2 LM (``Qwen2ForCausalLM`` tensor names) with its tokenizer as a llama.cpp GGUF.
+
+Facts of llama.cpp's converter for the "qwen2" architecture that this follows:
+
+* tensors ``token_embd``, ``blk.N.attn_{q,k,v}`` with their **biases**, ``attn_output``,
+  ``ffn_{gate,up,down}``, ``attn_norm``, ``ffn_norm``, ``output_norm``, ``output`` (absent when the
+  embeddings are tied: llama.cpp then reuses ``token_embd``);
+* NEOX-style RoPE, so Q and K rows are written as HF has them (no permutation, unlike "llama");
+* the byte-level BPE tokenizer as model "gpt2" with pre-tokenizer "qwen2"; added special tokens
+  are CONTROL, other added tokens USER_DEFINED, unused embedding rows ``[PADn]``.
+
+Used for both LLaMA-Omni2 language models: the Qwen2.5 LLM and the TTS LM (whose vocabulary adds
+the speech tokens and ``<sep>``). Tensors are converted one at a time while writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from omnilite.runtime.errors import CheckpointError
+
+from ..gguf_llm import _add_hparams
+
+log = logging.getLogger(__name__)
+
+ARCH = "qwen2"
+
+_LAYER = {
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def _plan(tensors: Mapping, config: Mapping, what: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    nh, nkv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    hd = d // nh
+    shapes = {
+        "self_attn.q_proj.weight": (nh * hd, d), "self_attn.q_proj.bias": (nh * hd,),
+        "self_attn.k_proj.weight": (nkv * hd, d), "self_attn.k_proj.bias": (nkv * hd,),
+        "self_attn.v_proj.weight": (nkv * hd, d), "self_attn.v_proj.bias": (nkv * hd,),
+        "self_attn.o_proj.weight": (d, nh * hd), "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d),
+        "mlp.down_proj.weight": (d, ff), "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+    }
+    plan = [("model.embed_tokens.weight", "token_embd.weight", (vocab, d))]
+    for i in range(config["num_hidden_layers"]):
+        plan += [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}", shapes[hf]) for hf, gg in _LAYER.items()]
+    plan.append(("model.norm.weight", "output_norm.weight", (d,)))
+    if not config.get("tie_word_embeddings", False):
+        plan.append(("lm_head.weight", "output.weight", (vocab, d)))
+    for hf, _, shape in plan:
+        if hf not in tensors:
+            raise CheckpointError(f"the {what} is missing tensor '{hf}' (expected shape {shape}); the checkpoint is incomplete.")
+        if tuple(tensors[hf].shape) != shape:
+            raise CheckpointError(f"{what} tensor '{hf}' has shape {tuple(tensors[hf].shape)} but its config implies {shape}; "
+                                  "the checkpoint and its config.json do not match.")
+    return plan
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int, eos_id: int) -> None:
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    cfg_path = tokenizer_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    ids: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in tok["model"]["vocab"].items()}
+    for a in tok.get("added_tokens", []):
+        ids[a["id"]] = (a["content"], gguf.TokenType.CONTROL if a["special"] else gguf.TokenType.USER_DEFINED)
+    extra = [i for i in ids if i >= vocab_size]
+    if extra:
+        raise CheckpointError(f"{tokenizer_dir} has {len(extra)} token ids beyond the model's {vocab_size} embedding rows; "
+                              "the tokenizer does not belong to this model.")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text, kind = ids.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(text)
+        types.append(kind)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(int(eos_id))
+    by_text = {t: i for i, t in enumerate(tokens)}
+    pad = cfg.get("pad_token")
+    if isinstance(pad, str) and pad in by_text:
+        writer.add_pad_token_id(by_text[pad])
+    writer.add_add_bos_token(False)  # Qwen prepends nothing
+    if cfg.get("chat_template"):
+        writer.add_chat_template(cfg["chat_template"])
+
+
+def write_qwen2_gguf(tensors: Mapping, config: dict, tokenizer_dir: Path, out_path: Path, *, eos_id: int,
+                     dtype: str = "f32", name: str = "omnilite-qwen2", what: str = "Qwen2 LM", progress: bool = False) -> None:
+    """Atomically write ``out_path``; ``tensors`` are HF-named (prefix already stripped)."""
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
+    out_dtype = np.float16 if dtype == "f16" else np.float32
+    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
+    plan = _plan(tensors, config, what)
+    cfg = dict(config)
+    cfg.setdefault("max_position_embeddings", 32768)
+
+    def convert(hf: str) -> np.ndarray:
+        w = np.asarray(tensors[hf], dtype=np.float32)
+        return np.ascontiguousarray(w.astype(out_dtype if w.ndim == 2 else np.float32, copy=False))
+
+    entries = [(gg, shape, np.dtype(out_dtype if len(shape) == 2 else np.float32), hf) for hf, gg, shape in plan]
+    out_path = Path(out_path)
+    tmp = out_path.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        _add_hparams(writer, cfg, name, file_type)
+        _add_tokenizer(writer, Path(tokenizer_dir), int(config["vocab_size"]), eos_id)
+        for gg, shape, dt, _ in entries:
+            writer.add_tensor_info(gg, shape, dt, math.prod(shape) * dt.itemsize)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        it = entries
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(entries, desc=out_path.name, unit="tensor")
+        for _, _, _, hf in it:
+            writer.write_tensor_data(convert(hf))
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%s, %d tensors)", out_path, dtype, len(entries))

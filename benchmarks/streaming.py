@@ -94,7 +94,7 @@ def run(bundle: str | Path, bench: StreamingBench = StreamingBench(), question: 
         entry["identical_output"] = bool(identical)
         entry["reply_audio_s"] = len(seq.audio) / seq.sample_rate
         results["omega"][str(omega)] = entry
-        log.info("omega %d: TTFA ratio %.2f", omega, entry["ttfa_ratio_p50"])
+        log.warning("omega %d: TTFA sequential/overlapped %.2f", omega, entry["ttfa_ratio_p50"])
     results["host"]["loadavg_1m_after"] = os.getloadavg()[0]
     return results
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--name", default="streaming-tiny")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     t = time.perf_counter()
     results = run(args.bundle, StreamingBench(args.runs, args.warmup, tuple(args.omega), args.max_new_tokens, args.threads))
     js, md = write(results, Path(args.out_dir), args.name)

@@ -30,6 +30,8 @@ def _print_timings(timings: dict[str, float], calls: dict[str, int] | None = Non
     print(f"{'stage':<18}{'ms':>10}{'calls':>7}{'share':>8}")
     for k in stages:
         print(f"{k:<18}{timings[k] * 1000:>10.1f}{(calls or {}).get(k, 1):>7}{timings[k] / busy:>8.1%}")
+    for k in sorted(k for k in timings if k.endswith("_wait")):  # overlapped mode: time blocked on a queue
+        print(f"{k:<18}{timings[k] * 1000:>10.1f}")
     for k, label in (("ttft", "TTFT"), ("ttfa", "TTFA"), ("total", "total")):
         if k in timings:
             print(f"{label:<18}{timings[k] * 1000:>10.1f}")
@@ -162,6 +164,9 @@ def _chat_line(done) -> str:
     if "rtf" in t:
         parts.append(f"RTF {t['rtf']:.3f}")
     parts.append(f"underruns {st.get('underruns', 0)}")
+    waits = [f"{k[:-5]} {t[k] * 1000:.0f}" for k in sorted(t) if k.endswith("_wait")]
+    if waits:
+        parts.append("queue waits (ms) " + ", ".join(waits))
     if "prompt_tokens" in st:
         parts.append(f"prompt {st['prompt_tokens']} of {st['context']} context tokens evaluated")
     return "  ".join(parts)

@@ -19,6 +19,8 @@ Events (TextDelta, Timing, Done, TurnStarted, TurnEnded, Interrupted) are collec
 A turn's `Done` comes when its audio has been played out; its timings hold TTFT and TTFA measured
 from t0 (TTFA when `read_output` hands out the first sample) and its stats the underrun count:
 output blocks the speaker had to fill with silence because the vocoder had not kept real time.
+Something must call `read_output` (a speaker, or a loop that discards the audio): the playback
+buffer is bounded, and a turn is complete only once its audio has been taken.
 """
 
 from __future__ import annotations

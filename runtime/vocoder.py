@@ -8,6 +8,10 @@ buffer, so memory stays flat however long the reply is). When both cover the gen
 field, every sample equals offline vocoding of the whole sequence. With a shorter lookahead (for
 lower latency), the last `crossfade` samples of each chunk are held back and cross-faded with the
 next chunk's recomputation of them, which hides the seam.
+
+The frame-level part is `FrameRing`, which knows nothing about units: any vocoder that maps frames
+to hop-spaced samples with a bounded receptive field (a flow model's mel frames into HiFT, say)
+streams through it; `VocoderStream` only adds the unit-duration front end.
 """
 
 from __future__ import annotations
@@ -55,70 +59,49 @@ class UnitVocoder:
         return VocoderStream(self, config)
 
 
-class VocoderStream:
-    def __init__(self, vocoder: UnitVocoder, config: VocoderStreamConfig):
-        self.voc = vocoder
-        rf = vocoder.receptive_field
+class FrameRing:
+    """The ring-buffered streaming mechanism shared by every vocoder type: frames (unit ids for the
+    unit HiFi-GAN, mel rows for a flow + HiFT vocoder) in, audio out through `generate(frames)`,
+    which maps n frames to n * hop samples with a receptive field of `receptive_field` frames on
+    each side. Frames [emitted, ready) are vocoded with `left_context` frames before them and
+    `lookahead` after them; only those are kept, so memory does not grow with the reply."""
+
+    def __init__(self, generate, hop: int, receptive_field: int, config: VocoderStreamConfig = VocoderStreamConfig()):
+        self.generate, self.hop = generate, hop
+        rf = receptive_field
         self.left = rf if config.left_context is None else config.left_context
         self.lookahead = rf if config.lookahead is None else config.lookahead
+        if self.left < 0 or self.lookahead < 0:
+            raise ValueError(f"left_context and lookahead must be >= 0 frames, got {self.left} and {self.lookahead}")
         self.exact = self.left >= rf and self.lookahead >= rf
-        self.crossfade = 0 if self.exact else min(config.crossfade, self.lookahead * vocoder.hop)
-        # Ring buffers: lists trimmed after each step to what later steps still need, with the
-        # absolute index of their first element.
-        self._units: list[int] = []
-        self._units_start = 0
-        self._units_timed = 0  # absolute count of units whose duration is final
-        self._frames: list[int] = []
-        self._frames_start = 0
+        self.crossfade = 0 if self.exact else min(config.crossfade, self.lookahead * hop)
+        self._frames: np.ndarray | None = None  # the ring: frames still needed, from absolute index _start
+        self._start = 0
         self._emitted = 0  # absolute count of frames already turned into audio
         self._tail = np.zeros(0, np.float32)  # held-back samples to cross-fade with the next chunk
         self.max_buffered_frames = 0
 
     @property
-    def _units_total(self) -> int:
-        return self._units_start + len(self._units)
+    def _total(self) -> int:
+        return self._start + (0 if self._frames is None else len(self._frames))
 
-    @property
-    def _frames_total(self) -> int:
-        return self._frames_start + len(self._frames)
-
-    def push(self, units: list[int]) -> np.ndarray:
-        """Add units; return the audio that is ready (possibly empty)."""
-        self._units.extend(int(u) for u in units)
-        self._time_units(final=False)
-        return self._vocode(final=False)
-
-    def flush(self) -> np.ndarray:
-        """End of the reply: time the remaining units and vocode everything left."""
-        self._time_units(final=True)
-        return self._vocode(final=True)
-
-    def _time_units(self, final: bool) -> None:
-        ctx = self.voc.duration_context
-        ready = self._units_total if final else self._units_total - ctx
-        if ready <= self._units_timed:
-            return
-        lo = max(self._units_start, self._units_timed - ctx)
-        window = np.asarray(self._units[lo - self._units_start:], np.int64)
-        durations = self.voc.durations(window)
-        new = slice(self._units_timed - lo, ready - lo)
-        self._frames.extend(np.repeat(window[new], durations[new]).tolist())
-        self._units_timed = ready
-        keep_from = max(0, ready - ctx)  # left context for the next window
-        del self._units[: keep_from - self._units_start]
-        self._units_start = keep_from
+    def push(self, frames: np.ndarray, final: bool = False) -> np.ndarray:
+        """Add frames (possibly none); return the audio that is ready. `final`: nothing follows."""
+        frames = np.asarray(frames)
+        if len(frames):
+            self._frames = frames.copy() if self._frames is None else np.concatenate([self._frames, frames])
+        return self._vocode(final)
 
     def _vocode(self, final: bool) -> np.ndarray:
-        end = self._frames_total if final else self._frames_total - self.lookahead
+        end = self._total if final else self._total - self.lookahead
         if end <= self._emitted:
             return np.zeros(0, np.float32)
-        lo = max(self._frames_start, self._emitted - self.left)
-        hi = self._frames_total if final else min(self._frames_total, end + self.lookahead)
-        frames = np.asarray(self._frames[lo - self._frames_start:hi - self._frames_start], np.int64)
+        lo = max(self._start, self._emitted - self.left)
+        hi = self._total if final else min(self._total, end + self.lookahead)
+        frames = self._frames[lo - self._start:hi - self._start]
         self.max_buffered_frames = max(self.max_buffered_frames, len(frames))
-        audio = self.voc.generate(frames)
-        hop = self.voc.hop
-        start, stop = (self._emitted - lo) * hop, (end - lo) * hop
+        audio = self.generate(frames)
+        start, stop = (self._emitted - lo) * self.hop, (end - lo) * self.hop
         chunk = audio[start:stop].astype(np.float32)
         if len(self._tail):
             n = min(len(self._tail), len(chunk))
@@ -127,6 +110,54 @@ class VocoderStream:
         self._tail = np.zeros(0, np.float32) if final else audio[stop:stop + self.crossfade].astype(np.float32)
         self._emitted = end
         keep_from = max(0, end - self.left)
-        del self._frames[: keep_from - self._frames_start]
-        self._frames_start = keep_from
+        self._frames = self._frames[keep_from - self._start:]
+        self._start = keep_from
         return chunk
+
+
+class VocoderStream:
+    """Units -> final durations (a small ring of units as the duration predictor's context) ->
+    50 Hz unit frames -> `FrameRing` over the unit HiFi-GAN."""
+
+    def __init__(self, vocoder: UnitVocoder, config: VocoderStreamConfig):
+        self.voc = vocoder
+        self.ring = FrameRing(vocoder.generate, vocoder.hop, vocoder.receptive_field, config)
+        self.left, self.lookahead = self.ring.left, self.ring.lookahead
+        self.exact, self.crossfade = self.ring.exact, self.ring.crossfade
+        self._units: list[int] = []
+        self._units_start = 0
+        self._units_timed = 0  # absolute count of units whose duration is final
+
+    @property
+    def max_buffered_frames(self) -> int:
+        return self.ring.max_buffered_frames
+
+    @property
+    def _units_total(self) -> int:
+        return self._units_start + len(self._units)
+
+    def push(self, units: list[int]) -> np.ndarray:
+        """Add units; return the audio that is ready (possibly empty)."""
+        self._units.extend(int(u) for u in units)
+        return self.ring.push(self._time_units(final=False))
+
+    def flush(self) -> np.ndarray:
+        """End of the reply: time the remaining units and vocode everything left."""
+        return self.ring.push(self._time_units(final=True), final=True)
+
+    def _time_units(self, final: bool) -> np.ndarray:
+        """Frames of the units whose durations just became final."""
+        ctx = self.voc.duration_context
+        ready = self._units_total if final else self._units_total - ctx
+        if ready <= self._units_timed:
+            return np.zeros(0, np.int64)
+        lo = max(self._units_start, self._units_timed - ctx)
+        window = np.asarray(self._units[lo - self._units_start:], np.int64)
+        durations = self.voc.durations(window)
+        new = slice(self._units_timed - lo, ready - lo)
+        frames = np.repeat(window[new], durations[new])
+        self._units_timed = ready
+        keep_from = max(0, ready - ctx)  # left context for the next window
+        del self._units[: keep_from - self._units_start]
+        self._units_start = keep_from
+        return frames

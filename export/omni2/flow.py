@@ -21,7 +21,7 @@ width (512 in every release), so small test models can be narrower.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -91,9 +91,8 @@ class RelPositionalEncoding(nn.Module):
         t = x.shape[1]
         pos = torch.arange(t - 1, -t, -1, dtype=torch.float32, device=x.device)[:, None]  # T-1 .. -(T-1)
         div = torch.exp(torch.arange(0, self.d, 2, dtype=torch.float32, device=x.device) * -(math.log(10000.0) / self.d))
-        pe = torch.zeros(2 * t - 1, self.d, device=x.device)
-        pe[:, 0::2] = torch.sin(pos * div)
-        pe[:, 1::2] = torch.cos(pos * div)
+        # sin in even columns, cos in odd ones (stacked, not slice-assigned, so it exports to ONNX)
+        pe = torch.stack([torch.sin(pos * div), torch.cos(pos * div)], dim=-1).reshape(2 * t - 1, self.d)
         return x * math.sqrt(self.d), pe[None]
 
 
@@ -190,7 +189,8 @@ class UpsampleConv(nn.Module):
         self.conv = nn.Conv1d(channels, channels, stride * 2 + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.repeat_interleave(x.transpose(1, 2), self.stride, dim=2)
+        b, t, c = x.shape
+        y = x[:, :, None, :].expand(b, t, self.stride, c).reshape(b, t * self.stride, c).transpose(1, 2)
         return self.conv(F.pad(y, (self.stride * 2, 0))).transpose(1, 2)
 
 
@@ -442,9 +442,12 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return self.decoder.solve(self.noise[:, :, :t], mu, self.speaker(xvector), torch.zeros_like(mu))
 
 
-@dataclass
-class FlowParts:
-    """What the ONNX exports wrap."""
+class FlowEncoderStage(nn.Module):
+    """Exported encoder stage: token ids (1, T) -> mu (1, 80, 2T)."""
 
-    config: FlowConfig
-    model: CausalMaskedDiffWithXvec = field(repr=False)
+    def __init__(self, flow: CausalMaskedDiffWithXvec):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.flow.mu(tokens)

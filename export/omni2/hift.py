@@ -8,7 +8,7 @@ phase and Gaussian noise is added (strong in unvoiced frames). Parity needs a fi
 here (and in the runtime) the source is **deterministic**: every harmonic starts at phase 0 and
 the noise is drawn from a seeded numpy generator (PCG64, seed 0) in sample order. Only these two
 random draws change; the noise level, harmonics and voicing rule are the official ones. The
-source is computed outside the exported graph (``SourceGenerator``), so a streaming runtime keeps
+source is computed outside the exported graph (the runtime's numpy ``SourceGenerator``), so a streaming runtime keeps
 the phase and the noise stream continuous across chunks.
 
 The exported graph replaces ``torch.stft``/``torch.istft`` (no ONNX iSTFT op) with convolutions
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from omnilite.runtime.omni2.hift import SourceConfig, SourceGenerator
 
 SOURCE_NOISE_SEED = 0
 
@@ -104,42 +106,6 @@ class SourceMerge(nn.Module):
         self.l_linear = nn.Linear(harmonics + 1, 1)
 
 
-class SourceGenerator:
-    """Deterministic NSF excitation, streamable: ``f0`` per mel frame in, source samples out.
-
-    Frame f0 is held for ``hop`` samples (nearest upsampling, as official). Harmonic k's phase is the
-    running sum of k*f0/sr from phase 0, kept in float64 modulo 1 so that a stream of calls equals
-    one call over the whole utterance. Noise comes from PCG64(seed) drawn as (samples, harmonics)
-    rows in order."""
-
-    def __init__(self, cfg: HiFTConfig, weight: np.ndarray, bias: np.ndarray, seed: int = SOURCE_NOISE_SEED):
-        self.cfg = cfg
-        self.h = cfg.nb_harmonics + 1
-        self.weight = np.asarray(weight, np.float64).reshape(self.h)
-        self.bias = float(np.asarray(bias).reshape(()))
-        self.seed = seed
-        self.reset()
-
-    def reset(self) -> None:
-        self._phase = np.zeros(self.h, np.float64)
-        self._rng = np.random.Generator(np.random.PCG64(self.seed))
-
-    def __call__(self, f0: np.ndarray) -> np.ndarray:
-        c = self.cfg
-        f0 = np.repeat(np.asarray(f0, np.float64).reshape(-1), c.hop)  # (S,)
-        harmonics = np.arange(1, self.h + 1, dtype=np.float64)
-        inc = f0[:, None] * harmonics[None, :] / c.sampling_rate  # (S, H) cycles per sample
-        cycles = np.cumsum(inc, axis=0) + self._phase[None, :]
-        if len(cycles):
-            self._phase = np.mod(cycles[-1], 1.0)
-        sines = c.nsf_alpha * np.sin(2 * np.pi * np.mod(cycles, 1.0))
-        uv = (f0 > c.nsf_voiced_threshold).astype(np.float64)[:, None]
-        noise_amp = uv * c.nsf_sigma + (1 - uv) * c.nsf_alpha / 3
-        noise = noise_amp * self._rng.standard_normal((len(f0), self.h))
-        excitation = sines * uv + noise
-        return np.tanh(excitation @ self.weight + self.bias).astype(np.float32)  # (S,)
-
-
 class STFTConv(nn.Module):
     """torch.stft(center=True, reflect pad, periodic Hann) as a strided conv with the real DFT basis."""
 
@@ -179,9 +145,8 @@ class ISTFTConv(nn.Module):
 
     def forward(self, real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
         spec = torch.cat([real, imag], dim=1)  # (B, 2F, frames)
-        frames = spec.shape[-1]
         y = F.conv_transpose1d(spec, self.basis, stride=self.hop)  # (B, 1, (frames-1)*hop + n_fft)
-        env = F.conv_transpose1d(torch.ones(1, 1, frames, dtype=spec.dtype, device=spec.device), self.window_sq, stride=self.hop)
+        env = F.conv_transpose1d(torch.ones_like(spec[:1, :1]), self.window_sq, stride=self.hop)  # ones_like: dynamic in ONNX
         half = self.n_fft // 2
         y = y[:, 0, half:y.shape[-1] - half]
         env = env[:, 0, half:env.shape[-1] - half]
@@ -223,7 +188,11 @@ class HiFT(nn.Module):
         self.register_buffer("window", (0.5 - 0.5 * torch.cos(2 * math.pi * n / c.n_fft)).float(), persistent=False)
 
     def source_generator(self) -> SourceGenerator:
-        return SourceGenerator(self.c, self.m_source.l_linear.weight.detach().numpy(), self.m_source.l_linear.bias.detach().numpy())
+        """The runtime's deterministic source (one implementation for reference and runtime)."""
+        c = self.c
+        cfg = SourceConfig(c.sampling_rate, c.hop, c.nb_harmonics + 1, c.nsf_alpha, c.nsf_sigma, c.nsf_voiced_threshold)
+        lin = self.m_source.l_linear
+        return SourceGenerator(cfg, lin.weight.detach().numpy(), float(lin.bias.detach()), SOURCE_NOISE_SEED)
 
     def _body(self, mel: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
         c = self.c

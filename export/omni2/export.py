@@ -1,0 +1,291 @@
+"""`omnilite export` for LLaMA-Omni2: checkpoint -> bundle, every stage checked against PyTorch.
+
+Stages and files:
+
+* ``encoder.onnx``          Whisper encoder + concat adapter (dynamic length)
+* ``llm.gguf``              Qwen2.5 LLM + tokenizer (llama.cpp)
+* ``tts_lm.gguf``           TTS LM + TTS tokenizer; it takes fused inputs as raw embedding batches
+* ``tts_fusion.onnx``       input_proj + gate: (LLM hidden, TTS text embedding) -> fused TTS input
+* ``tts_text_embed.npy``    the TTS LM's input-embedding rows for the LLM's token ids (memory-mapped
+                            by the runtime: llama.cpp has no embedding lookup to call)
+* ``flow_encoder.onnx``     speech tokens -> mu (the flow's conformer encoder, 2x upsampled)
+* ``flow_estimator.onnx``   the causal U-Net vector field with the official inputs (x, mask, mu, t, spks, cond)
+* ``flow_noise.npy``        the flow's fixed initial noise (80 x 15000), which numpy cannot redraw
+* ``hift_f0.onnx``          HiFT's f0 predictor
+* ``hift.onnx``             HiFT decode from mel + NSF source (the source is made in numpy)
+
+Built in a temporary directory and renamed into place only when everything is written and parity
+holds (unless told to keep a failing bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from omnilite import __version__
+from omnilite.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from omnilite.runtime.errors import OmniliteError
+
+from ..llama_omni import _replace_dir
+from ..onnx_export import export_onnx, io_shapes
+from .checkpoint import Omni2Checkpoint
+from .flow import FlowEncoderStage
+from .gguf_qwen2 import write_qwen2_gguf
+from .hift import F0_RECEPTIVE_FIELD, HiFTF0, receptive_field_frames
+from .reference import DEFAULT_MAX_TTS_TOKENS, Omni2ReferencePipeline
+from .tts import GateFusion
+
+log = logging.getLogger(__name__)
+
+FAMILY = "llama-omni2"
+
+
+@dataclass(frozen=True)
+class Omni2ExportOptions:
+    llm_dtype: str = "f32"  # GGUF weights of both LMs: "f32" or "f16"
+    parity: bool = True
+    strict_parity: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _speaker_wav(path: str | Path | None) -> np.ndarray:
+    from omnilite.runtime.audio import prepare_speech, read_wav
+
+    if path is None:
+        raise OmniliteError(
+            "LLaMA-Omni2 speaks in the voice of a prompt recording; pass --speaker-wav (the official one is "
+            "llama_omni2/inference/prompt_en.wav in the LLaMA-Omni2 code repository)."
+        )
+    audio, rate = read_wav(Path(path))
+    return prepare_speech(audio, rate, 16000)
+
+
+def export_llama_omni2(checkpoint: str | Path, out: str | Path, options: Omni2ExportOptions = Omni2ExportOptions(),
+                       speech_encoder: str | Path | None = None, decoder: str | Path | None = None,
+                       speaker_wav: str | Path | None = None) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not options.overwrite:
+        raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass --force.")
+    if options.llm_dtype not in ("f32", "f16"):
+        raise OmniliteError(f"LLM dtype {options.llm_dtype!r} is not supported; use f32 or f16.")
+    ckpt = Omni2Checkpoint.open(checkpoint, speech_encoder, decoder)
+    speaker = _speaker_wav(speaker_wav)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _build(ckpt, speaker, tmp, options)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class _FusionStage(torch.nn.Module):
+    def __init__(self, gen):
+        super().__init__()
+        self.fusion = GateFusion(gen.input_proj[0].in_features, gen.model.config.hidden_size)
+        self.fusion.input_proj, self.fusion.gate = gen.input_proj, gen.gate
+
+    def forward(self, hidden: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return self.fusion(hidden, text_embeds)
+
+
+def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2ExportOptions) -> None:
+    steps = tqdm(total=10, desc="export", unit="step", disable=not options.progress)
+
+    def step(name: str) -> None:
+        steps.set_postfix_str(name)
+        log.info("export: %s", name)
+
+    step("reference")
+    ref = Omni2ReferencePipeline(ckpt, speaker)
+    steps.update()
+    gen, flow, hift = ref.generator, ref.flow, ref.hift
+    h_llm, h_tts = ckpt.config["hidden_size"], ckpt.tts_config.hidden_size
+    t = 40
+    onnx_stages = [
+        ("encoder.onnx", ref.encoder, (torch.zeros(1, ref.n_mels, 3000),), {"mel": {2: "mel_frames"}}, {"speech_embeds": {1: "speech_positions"}}),
+        ("tts_fusion.onnx", _FusionStage(gen), (torch.zeros(3, h_llm), torch.zeros(3, h_tts)),
+         {"hidden": {0: "n"}, "text_embeds": {0: "n"}}, {"fused": {0: "n"}}),
+        ("flow_encoder.onnx", FlowEncoderStage(flow), (torch.zeros(1, t, dtype=torch.long),), {"tokens": {1: "tokens"}}, {"mu": {2: "frames"}}),
+        ("flow_estimator.onnx", flow.decoder.estimator,
+         (torch.zeros(2, 80, 2 * t), torch.ones(2, 1, 2 * t), torch.zeros(2, 80, 2 * t), torch.zeros(2), torch.zeros(2, 80), torch.zeros(2, 80, 2 * t)),
+         {"x": {2: "frames"}, "mask": {2: "frames"}, "mu": {2: "frames"}, "t": {}, "spks": {}, "cond": {2: "frames"}},
+         {"estimator_out": {2: "frames"}}),
+        ("hift_f0.onnx", HiFTF0(hift), (torch.zeros(1, 80, t),), {"mel": {2: "frames"}}, {"f0": {1: "frames"}}),
+        ("hift.onnx", hift, (torch.zeros(1, 80, t), torch.zeros(1, t * hift.c.hop)), {"mel": {2: "frames"}, "source": {1: "samples"}},
+         {"audio": {1: "samples"}}),
+    ]
+    side_files: dict[str, list[str]] = {}
+    for file, module, example, dyn_in, dyn_out in onnx_stages:
+        step(file)
+        side_files[file] = export_onnx(module, example, tmp / file, dyn_in, dyn_out)
+        steps.update()
+
+    step("llm.gguf + tts_lm.gguf")
+    eos = ckpt.config.get("eos_token_id", min(ref.eos_ids))  # the turn end (<|im_end|>) for an instruct model
+    eos = eos[0] if isinstance(eos, list) else eos
+    write_qwen2_gguf(ckpt.qwen_tensors("", ckpt.llm_config), ckpt.config, ckpt.model_dir, tmp / "llm.gguf", eos_id=int(eos),
+                     dtype=options.llm_dtype, name=ckpt.model_dir.name, what="Qwen2.5 LLM", progress=options.progress)
+    write_qwen2_gguf(ckpt.qwen_tensors("speech_generator.model.", ckpt.tts_config), ckpt.config["speech_generator"], ckpt.tts_tokenizer_dir,
+                     tmp / "tts_lm.gguf", eos_id=ref.tts_eos, dtype=options.llm_dtype, name=ckpt.model_dir.name + "-tts", what="TTS LM",
+                     progress=options.progress)
+    steps.update()
+
+    step("tables")
+    table = gen.model.get_input_embeddings().weight.detach()[: ckpt.llm_config.vocab_size]
+    np.save(tmp / "tts_text_embed.npy", table.numpy().astype(np.float16 if options.llm_dtype == "f16" else np.float32))
+    np.save(tmp / "flow_noise.npy", flow.noise[0].numpy())
+    steps.update()
+
+    manifest = _manifest(ckpt, ref, tmp, options, side_files)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if options.parity:
+        step("parity")
+        from .parity import measure_parity
+
+        manifest["parity"] = report = measure_parity(ref, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        failed = [k for k, v in report.items() if isinstance(v, dict) and not v.get("ok", True)]
+        if failed and options.strict_parity:
+            raise OmniliteError(
+                f"exported stage(s) {', '.join(failed)} differ from the PyTorch reference beyond tolerance "
+                f"({json.dumps({k: report[k] for k in failed})}); no bundle was written (pass --no-strict to keep it)."
+            )
+        for k in failed:
+            log.warning("parity: stage %s misses its threshold: %s", k, report[k])
+    steps.update()
+    steps.close()
+
+
+STAGE_FILES = (
+    ("encoder", "encoder.onnx"), ("llm", "llm.gguf"), ("tts_lm", "tts_lm.gguf"), ("tts_fusion", "tts_fusion.onnx"),
+    ("tts_text_embed", "tts_text_embed.npy"), ("flow_encoder", "flow_encoder.onnx"), ("flow_estimator", "flow_estimator.onnx"),
+    ("flow_noise", "flow_noise.npy"), ("hift_f0", "hift_f0.onnx"), ("hift", "hift.onnx"),
+)
+
+
+def _manifest(ckpt: Omni2Checkpoint, ref: Omni2ReferencePipeline, tmp: Path, options: Omni2ExportOptions,
+              side_files: dict[str, list[str]]) -> dict:
+    c, fc, hc = ckpt.config, ckpt.flow_config, ckpt.hift_config
+    stages = []
+    for name, file in STAGE_FILES:
+        fmt = file.rsplit(".", 1)[1]
+        if fmt == "onnx":
+            inputs, outputs = io_shapes(tmp / file)
+            precision = "fp32"
+        elif fmt == "gguf":
+            width = c["hidden_size"] if name == "llm" else ckpt.tts_config.hidden_size
+            inputs, outputs = {"tokens_or_embeddings": ["n", width]}, {"logits_and_hidden": ["n", "vocab+hidden"]}
+            precision = options.llm_dtype
+        else:
+            arr = np.load(tmp / file, mmap_mode="r")
+            inputs, outputs = {}, {"array": list(arr.shape)}
+            precision = "fp16" if arr.dtype == np.float16 else "fp32"
+        stages.append({"name": name, "file": file, "format": fmt, "precision": precision, "sha256": sha256_file(tmp / file),
+                       "inputs": inputs, "outputs": outputs,
+                       "extra_files": {f: sha256_file(tmp / f) for f in side_files.get(file, [])}})
+    specials = ckpt.tts_specials()
+    units = specials["units"]
+    first = min(units)
+    contiguous = all(units.get(first + i) == i for i in range(len(units)))
+    read, write = ckpt.stream_params
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": FAMILY,
+        "created_by": f"omnilite {__version__}",
+        "source": {
+            "model_dir": str(ckpt.model_dir.resolve()),
+            "decoder_dir": str(ckpt.decoder_dir.resolve()),
+            "speech_encoder": str(ckpt.encoder_path.resolve()) if ckpt.encoder_path else "model.speech_encoder.* in the safetensors",
+            "model_type": c["model_type"],
+            "hidden_size": c["hidden_size"],
+            "num_hidden_layers": c["num_hidden_layers"],
+            "tts_hidden_size": ckpt.tts_config.hidden_size,
+            "tts_num_hidden_layers": ckpt.tts_config.num_hidden_layers,
+            "whisper_dims": ckpt.whisper_dims,
+        },
+        "audio": {"input_sample_rate": 16000, "output_sample_rate": hc.sampling_rate},
+        "encoder": {
+            "n_mels": ref.n_mels,
+            "mode": "exact",
+            "modes": {"exact": "pad or trim to 30 s, as the model was trained (1500 encoder frames)",
+                      "unpadded": "encode the real length only (fewer speech positions; outputs drift from exact)"},
+            "max_mel_frames": 2 * ckpt.whisper_dims["n_audio_ctx"],
+            "frames_per_position": 2 * int(c.get("speech_encoder_ds_rate", 5)),
+        },
+        "llm": {
+            "n_embd": c["hidden_size"],
+            "n_vocab": ckpt.llm_config.vocab_size,
+            "eos_ids": sorted(ref.eos_ids),
+            "prompt": {"prefix_ids": ref.prompt.prefix_ids, "suffix_ids": ref.prompt.suffix_ids, "text": ref.prompt.text,
+                       "template": "tokenizer_config.json chat_template, one user turn '<speech>'"},
+            "max_context": int(c.get("tokenizer_model_max_length", 2048)),
+        },
+        "tts": {
+            "n_embd": ckpt.tts_config.hidden_size,
+            "eos_id": ref.tts_eos,
+            "sep_id": ref.sep_id,
+            "units": {"first_id": first, "count": len(units)} if contiguous else {"ids": sorted(units), "units": [units[k] for k in sorted(units)]},
+            "max_tokens_final": DEFAULT_MAX_TTS_TOKENS,
+            "decoding": "greedy (parity); the official release samples with temperature 1, top-k 50",
+        },
+        "speaker": {
+            "xvector": [float(v) for v in ref.xvector],
+            "spks": [float(v) for v in ref.spks],
+            "source": "CAM++ (campplus.onnx) on the --speaker-wav prompt, Kaldi fbank, mean-normalised",
+        },
+        "flow": {
+            "mel_bins": fc.output_size,
+            "token_mel_ratio": fc.token_mel_ratio,
+            "pre_lookahead_len": fc.pre_lookahead_len,
+            "chunk_tokens": fc.chunk_tokens,
+            "n_timesteps": fc.n_timesteps,
+            "t_scheduler": fc.t_scheduler,
+            "inference_cfg_rate": fc.inference_cfg_rate,
+            "noise_frames": int(ref.flow.noise.shape[-1]),
+        },
+        "hift": {
+            "hop": hc.hop,
+            "sample_rate": hc.sampling_rate,
+            "receptive_field_frames": receptive_field_frames(hc),
+            "f0_receptive_field": F0_RECEPTIVE_FIELD,
+            "source": {
+                "harmonics": hc.nb_harmonics + 1,
+                "sine_amp": hc.nsf_alpha, "noise_std": hc.nsf_sigma, "voiced_threshold": hc.nsf_voiced_threshold,
+                "merge_weight": [float(v) for v in ref.hift.m_source.l_linear.weight.detach().reshape(-1)],
+                "merge_bias": float(ref.hift.m_source.l_linear.bias.detach().reshape(())),
+                "noise_seed": 0,
+                "note": "deterministic: zero initial phases, PCG64(seed) noise in sample order (the official source is random)",
+            },
+        },
+        "streaming": {"read": read, "write": write},
+        "stages": stages,
+        "parity": {},
+    }
+
+
+def export_tiny_demo_bundle(work: Path, progress: bool = True) -> Path:
+    """Make (or reuse) the tiny LLaMA-Omni2 checkpoint and its bundle under `work`."""
+    from .tiny import make_tiny_llama_omni2
+
+    ckpt, bundle = work / "tiny-llama-omni2", work / "tiny-llama-omni2-bundle"
+    if not (ckpt / "models" / "LLaMA-Omni2-0.5B" / "config.json").exists():
+        make_tiny_llama_omni2(ckpt, overwrite=True)
+    if not (bundle / MANIFEST).exists():
+        import omnilite
+
+        question = Path(omnilite.__file__).parent / "data" / "question.wav"  # any voice will do for random weights
+        export_llama_omni2(ckpt, bundle, Omni2ExportOptions(overwrite=True, progress=progress), speaker_wav=question)
+    return bundle

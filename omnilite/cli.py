@@ -81,6 +81,8 @@ def cmd_export(args) -> int:
 
     options = ExportOptions(llm_dtype=args.llm_dtype, omega=args.omega, parity=not args.no_parity,
                             strict_parity=not args.no_strict, overwrite=args.force)
+    if args.preset != "fp32" or _quant_overrides(args):
+        return _export_quantized(args, options)
     out = export_llama_omni(args.checkpoint, args.out, options, args.speech_encoder, args.vocoder)
     _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))
     print(f"wrote bundle {out}")
@@ -94,15 +96,80 @@ def _print_parity(parity: dict) -> None:
             print(f"  parity {stage:<17} {'ok  ' if rep.get('ok') else 'FAIL'} {fields}")
 
 
+def _quant_overrides(args) -> dict[str, str | None]:
+    return {"encoder": args.q_encoder, "llm": args.q_llm, "decoder": args.q_decoder, "vocoder": args.q_vocoder}
+
+
+def _quant_options(args, **extra):
+    from omnilite.quant import QuantizeOptions
+    from omnilite.quant.presets import parse_tolerances
+
+    return QuantizeOptions(preset=args.preset, overrides=_quant_overrides(args), strict=args.strict, overwrite=args.force,
+                           tolerances=parse_tolerances(args.tolerance), report=not args.no_report,
+                           report_tokens=args.report_tokens, threads=args.threads, **extra)
+
+
+def _print_quantization(manifest: dict, stream=None) -> None:
+    from omnilite.quant.accuracy import format_report
+    from omnilite.quant.bundle_quant import format_sizes
+
+    q = manifest.get("quantization")
+    if not q:
+        return
+    source = q["source"].get("path") or q["source"].get("note")
+    print(f"quantization: preset {q['preset']}{' (requantized)' if q.get('requantized') else ''}, from {source}", file=stream)
+    for line in format_sizes(manifest):
+        print(line, file=stream)
+    if q.get("accuracy"):
+        for line in format_report(q["accuracy"]):
+            print(line, file=stream)
+        if not q["accuracy"]["ok"]:
+            print(f"WARNING: stage(s) {', '.join(q['accuracy']['failed'])} exceed their tolerance (FAIL lines above)",
+                  file=sys.stderr)
+    else:
+        print("  accuracy: not measured (quantized with --no-report)", file=stream)
+
+
+def _quantize_and_print(run) -> int:
+    from omnilite.quant import QuantizationFailed, format_report
+
+    try:
+        result = run()
+    except QuantizationFailed as e:
+        for line in format_report(e.report):
+            print(line)
+        raise
+    _print_quantization(result.manifest)
+    print(f"wrote bundle {result.path}")
+    return 0
+
+
+def _export_quantized(args, export_options) -> int:
+    from omnilite.quant import export_with_preset
+
+    return _quantize_and_print(lambda: export_with_preset(
+        args.checkpoint, args.out, export_options, _quant_options(args), args.speech_encoder, args.vocoder,
+        keep_unquantized=args.keep_unquantized))
+
+
+def cmd_quantize(args) -> int:
+    from omnilite.quant import quantize_bundle
+
+    options = _quant_options(args, allow_requantize=args.allow_requantize, reference=args.reference)
+    return _quantize_and_print(lambda: quantize_bundle(args.bundle, args.out, options))
+
+
 def cmd_info(args) -> int:
     from omnilite.runtime.bundle import load_bundle
 
     b = load_bundle(args.bundle, verify=not args.no_verify)
     print(f"bundle {b.path}: family {b.family}, format {b['format_version']}, {b['created_by']}")
     for s in b.stages.values():
-        size = (b.path / s.file).stat().st_size / 2**20
-        print(f"  {s.name:<17} {s.file:<24} {s.format:<5} {s.precision:<5} {size:8.1f} MiB")
+        size = sum((b.path / f).stat().st_size for f in [s.file, *s.extra_files]) / 2**20
+        print(f"  {s.name:<17} {s.file:<24} {s.format:<5} {s.precision:<6} {size:8.1f} MiB")
     _print_parity(b.manifest.get("parity", {}))
+    if "quantization" in b.manifest:
+        _print_quantization(b.manifest)
     return 0
 
 
@@ -237,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def add_quant_options(s: argparse.ArgumentParser, suffix: str = "") -> None:
+        """`suffix`: export already has --vocoder (the vocoder checkpoint dir), so there the
+        per-stage precisions are --encoder-precision etc."""
+        from omnilite.quant.presets import GGUF_PRECISIONS, ONNX_PRECISIONS, PRESETS
+
+        s.add_argument("--preset", choices=tuple(PRESETS), default="balanced",
+                       help="fp32 (as exported), balanced (INT8 + Q8_0), small (INT4 + Q4_K_M + INT8 vocoder), gpu-fp16")
+        s.add_argument(f"--encoder{suffix}", dest="q_encoder", choices=ONNX_PRECISIONS, help="override the preset for the speech encoder")
+        s.add_argument(f"--llm{suffix}", dest="q_llm", choices=GGUF_PRECISIONS, help="override the preset for the LLM (llama.cpp type)")
+        s.add_argument(f"--decoder{suffix}", dest="q_decoder", choices=ONNX_PRECISIONS, help="override the preset for the speech decoder")
+        s.add_argument(f"--vocoder{suffix}", dest="q_vocoder", choices=("fp32", "fp16", "int8"), help="override the preset for the vocoder")
+        s.add_argument("--strict", action="store_true", help="fail (exit 2, nothing written) if a stage exceeds its tolerance")
+        s.add_argument("--tolerance", action="append", metavar="ROLE.METRIC=VALUE",
+                       help="override a tolerance, e.g. encoder.cosine_min=0.995 (repeatable)")
+        s.add_argument("--report-tokens", type=int, default=32, help="LLM tokens in the accuracy report")
+        s.add_argument("--no-report", action="store_true", help="skip the accuracy report (not recommended)")
+        s.add_argument("--threads", type=int, default=None)
+
     s = sub.add_parser("make-tiny", help="write a checkpoint in the official layout with random weights")
     s.add_argument("family", choices=FAMILIES)
     s.add_argument("out")
@@ -255,7 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
     s.add_argument("--no-strict", action="store_true", help="keep the bundle even if a stage misses its parity threshold")
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    s.set_defaults(func=cmd_export)
+    add_quant_options(s, suffix="-precision")
+    s.add_argument("--keep-unquantized", metavar="DIR", help="with a preset other than fp32: keep the unquantized export in DIR")
+    s.set_defaults(func=cmd_export, preset="fp32")
+
+    s = sub.add_parser("quantize", help="quantize a bundle's stages (INT8/INT4 ONNX, llama.cpp GGUF) and report their accuracy")
+    s.add_argument("bundle", help="the unquantized bundle (from `omnilite export`)")
+    s.add_argument("out", help="directory for the quantized bundle")
+    add_quant_options(s)
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--allow-requantize", action="store_true",
+                   help="quantize an already-quantized bundle further (GGUF only; errors add up; needs --reference)")
+    s.add_argument("--reference", metavar="BUNDLE", help="the unquantized bundle to measure a requantization against")
+    s.set_defaults(func=cmd_quantize)
 
     def add_run_options(s: argparse.ArgumentParser) -> None:
         s.add_argument("--encoder-mode", choices=("exact", "unpadded"), default="exact")
@@ -301,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(s)
     s.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("info", help="show a bundle's stages and parity report")
+    s = sub.add_parser("info", help="show a bundle's stages, parity report and quantization accuracy")
     s.add_argument("bundle")
     s.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     s.set_defaults(func=cmd_info)

@@ -1,0 +1,177 @@
+"""Quantization presets, per-stage precisions and the accuracy tolerances each precision must meet.
+
+A bundle's stages are grouped in four *roles* that every family shares (encoder, llm, decoder,
+vocoder); a preset gives one precision per role and the CLI can override any of them. ONNX stages
+take `fp32 | fp16 | int8 | int4`, GGUF stages take a llama.cpp type name. Stages outside the
+roles (LLaMA-Omni's duration predictor) stay as exported: see `FIXED_STAGES` for why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from omnilite.runtime.errors import OmniliteError
+
+ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# llama.cpp file types offered; "F32"/"F16" are unquantized.
+GGUF_PRECISIONS = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+UNQUANTIZED = frozenset({"fp32", "f32", "f16", "F32", "F16"})  # a source the report may use as reference
+
+# Bits per weight, for ordering precisions: requantizing upwards cannot restore what was lost.
+_BITS = {"fp32": 32, "f32": 32, "F32": 32, "fp16": 16, "f16": 16, "F16": 16, "int8": 8, "Q8_0": 8.5,
+         "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.85, "Q4_0": 4.5, "int4": 4.5}
+
+ROLES = ("encoder", "llm", "decoder", "vocoder")
+
+# Family -> role -> bundle stage names.
+FAMILY_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama-omni": {"encoder": ("encoder",), "llm": ("llm",), "decoder": ("speech_generator",), "vocoder": ("vocoder",)},
+}
+# Stages that never change precision, and why (printed in the report).
+FIXED_STAGES: dict[str, str] = {
+    "unit_duration": "kept fp32: 0.1% of the vocoder's weights, and a duration that rounds differently shifts every later sample",
+}
+
+
+def bits(precision: str) -> float:
+    return _BITS.get(precision, 32.0)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """One precision per role. `llm=None` keeps the LLM as exported (f32 or f16)."""
+
+    encoder: str = "fp32"
+    llm: str | None = None
+    decoder: str = "fp32"
+    vocoder: str = "fp32"
+
+    def with_overrides(self, overrides: dict[str, str | None]) -> "QuantPlan":
+        unknown = set(overrides) - set(ROLES)
+        if unknown:
+            raise OmniliteError(f"unknown stage role(s) {sorted(unknown)}; use {', '.join(ROLES)}.")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self) -> None:
+        for role in ("encoder", "decoder", "vocoder"):
+            p = getattr(self, role)
+            if p not in ONNX_PRECISIONS:
+                raise OmniliteError(f"--{role} {p!r} is not an ONNX precision; use one of: {', '.join(ONNX_PRECISIONS)}.")
+        if self.vocoder == "int4":
+            # MatMulNBits covers MatMul only; the HiFi-GAN is convolutions, so int4 would change nothing.
+            raise OmniliteError("--vocoder int4 is not supported (the vocoder is convolutions; int4 weight-only "
+                                "quantization covers MatMul); use int8 or fp16.")
+        if self.llm is not None and self.llm not in GGUF_PRECISIONS:
+            raise OmniliteError(f"--llm {self.llm!r} is not a supported llama.cpp type; use one of: {', '.join(GGUF_PRECISIONS)}.")
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {r: getattr(self, r) for r in ROLES}
+
+
+PRESETS: dict[str, QuantPlan] = {
+    # The exported precisions: a copy, useful as the baseline row of a comparison.
+    "fp32": QuantPlan(),
+    # INT8 weights and activations where the CPU has integer dot products (VNNI, ARM dotprod).
+    "balanced": QuantPlan(encoder="int8", llm="Q8_0", decoder="int8", vocoder="fp32"),
+    # Smallest: 4-bit weight-only matmuls, Q4_K_M LLM, INT8 vocoder convolutions.
+    "small": QuantPlan(encoder="int4", llm="Q4_K_M", decoder="int4", vocoder="int8"),
+    # GPU profiles: fp16 everywhere (tensor cores); on CPU it mainly halves the size.
+    "gpu-fp16": QuantPlan(encoder="fp16", llm="F16", decoder="fp16", vocoder="fp16"),
+}
+
+
+def plan_for(preset: str, overrides: dict[str, str | None] | None = None) -> QuantPlan:
+    if preset not in PRESETS:
+        raise OmniliteError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}.")
+    plan = PRESETS[preset].with_overrides(overrides or {})
+    plan.validate()
+    return plan
+
+
+# --- tolerances -------------------------------------------------------------------------------
+# Per stage and precision. Calibrated on the tiny random-weight model (tests) and on real weights
+# (benchmarks/results/quant_real_weights.md) with margin, so that an ordinary quantization passes
+# and a damaged weight (tests/test_quant.py corrupts one) fails. "min" metrics must be >= the
+# tolerance, "max" metrics <=.
+
+@dataclass(frozen=True)
+class Tolerance:
+    min: dict[str, float] = field(default_factory=dict)
+    max: dict[str, float] = field(default_factory=dict)
+
+    def check(self, metrics: dict) -> list[str]:
+        """Names of the metrics that miss (a metric absent from `metrics` is not judged)."""
+        bad = [k for k, v in self.min.items() if k in metrics and not metrics[k] >= v]
+        return bad + [k for k, v in self.max.items() if k in metrics and not metrics[k] <= v]
+
+    def as_dict(self) -> dict:
+        return {**{f"{k}>=": v for k, v in self.min.items()}, **{f"{k}<=": v for k, v in self.max.items()}}
+
+
+def _tol(mins: dict[str, float] | None = None, maxs: dict[str, float] | None = None) -> Tolerance:
+    return Tolerance(dict(mins or {}), dict(maxs or {}))
+
+
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "encoder": {
+        "fp16": _tol({"cosine_min": 0.9999}, {"rel_rms_error": 0.01}),
+        "int8": _tol({"cosine_min": 0.99}, {"rel_rms_error": 0.12}),
+        "int4": _tol({"cosine_min": 0.95}, {"rel_rms_error": 0.35}),
+    },
+    "llm": {
+        "F16": _tol({"top1_agreement": 0.97}, {"mean_kl": 0.005}),
+        "Q8_0": _tol({"top1_agreement": 0.94}, {"mean_kl": 0.02}),
+        "Q6_K": _tol({"top1_agreement": 0.9}, {"mean_kl": 0.05}),
+        "Q5_K_M": _tol({"top1_agreement": 0.85}, {"mean_kl": 0.1}),
+        "Q4_K_M": _tol({"top1_agreement": 0.8}, {"mean_kl": 0.2}),
+        "Q4_0": _tol({"top1_agreement": 0.75}, {"mean_kl": 0.3}),
+    },
+    "decoder": {
+        "fp16": _tol({"frame_agreement": 0.99}),
+        "int8": _tol({"frame_agreement": 0.9}),
+        "int4": _tol({"frame_agreement": 0.75}),
+    },
+    "vocoder": {
+        "fp16": _tol({"snr_db": 40.0}, {"log_mel_distance_db": 0.5}),
+        "int8": _tol({"snr_db": 15.0}, {"log_mel_distance_db": 3.0}),
+    },
+}
+
+
+# Which way each judged metric must go.
+METRIC_KIND = {"cosine_min": "min", "rel_rms_error": "max", "top1_agreement": "min", "mean_kl": "max",
+               "frame_agreement": "min", "snr_db": "min", "log_mel_distance_db": "max"}
+ROLE_METRICS = {"encoder": ("cosine_min", "rel_rms_error"), "llm": ("top1_agreement", "mean_kl"),
+                "decoder": ("frame_agreement",), "vocoder": ("snr_db", "log_mel_distance_db")}
+
+
+def tolerance(role: str, precision: str, overrides: dict[str, float] | None = None) -> Tolerance:
+    """The tolerance of `role` at `precision`, with user overrides `{"role.metric": value}`."""
+    base = TOLERANCES.get(role, {}).get(precision, Tolerance())
+    mins, maxs = dict(base.min), dict(base.max)
+    for key, value in (overrides or {}).items():
+        r, _, metric = key.partition(".")
+        if r != role:
+            continue
+        if metric not in ROLE_METRICS.get(role, ()):
+            raise OmniliteError(f"--tolerance {key}: {role} has no judged metric {metric!r}; "
+                                f"use one of: {', '.join(ROLE_METRICS.get(role, ()))}.")
+        (mins if METRIC_KIND[metric] == "min" else maxs)[metric] = float(value)
+    return Tolerance(mins, maxs)
+
+
+def parse_tolerances(items: list[str] | None) -> dict[str, float]:
+    """CLI `--tolerance role.metric=value` items -> {"role.metric": value}, checked."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        role, _, metric = key.partition(".")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or number is None or role not in ROLE_METRICS or metric not in ROLE_METRICS[role]:
+            choices = ", ".join(f"{r}.{m}" for r, ms in ROLE_METRICS.items() for m in ms)
+            raise OmniliteError(f"--tolerance {item!r} must be ROLE.METRIC=NUMBER with ROLE.METRIC one of: {choices}.")
+        out[key] = number
+    return out

@@ -1,0 +1,289 @@
+"""Quantization of the tiny bundle: every preset's stages load and run in the runtime, the accuracy
+report is measured and recorded, a corrupted quantized weight fails it, --strict turns a failure
+into exit status 2 with nothing written, and requantization is refused or done as documented."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from omnilite.cli import main
+from omnilite.quant import QuantizeOptions, measure_accuracy, quantize_bundle
+from omnilite.quant.accuracy import AccuracyOptions, kl_divergence, log_mel_distance_db, sequence_agreement
+from omnilite.quant.onnx_quant import OnnxQuantConfig, quantize_onnx
+from omnilite.runtime import Done, Pipeline, PipelineConfig
+from omnilite.runtime.bundle import MANIFEST, load_bundle, sha256_file
+from omnilite.runtime.encoder import SpeechEncoder
+from omnilite.runtime.errors import OmniliteError
+from omnilite.runtime.llm import LlamaCppLLM
+from omnilite.runtime.units import StreamingUnitGenerator
+from omnilite.runtime.vocoder import UnitVocoder
+
+from conftest import QUESTION
+
+TOKENS = 16  # report length in tests (the CLI default is 32)
+STAGE_METRICS = {
+    "encoder": ("cosine_min", "cosine_mean", "rel_rms_error", "rel_max_error"),
+    "llm": ("top1_agreement", "mean_kl", "max_kl", "hidden_cosine_min", "greedy_text_changed"),
+    "decoder": ("frame_agreement", "unit_agreement", "units_identical"),
+    "vocoder": ("snr_db", "log_mel_distance_db", "duration_agreement"),
+}
+
+
+def _quantize(src: Path, out: Path, preset: str, **kw) -> Path:
+    return quantize_bundle(src, out, QuantizeOptions(preset=preset, progress=False, report_tokens=TOKENS, **kw)).path
+
+
+@pytest.fixture(scope="module")
+def quantized(bundle, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quant")
+    return {p: _quantize(bundle, root / p, p) for p in ("balanced", "small", "gpu-fp16")}
+
+
+EXPECTED = {
+    "balanced": {"encoder": "int8", "llm": "Q8_0", "speech_generator": "int8", "unit_duration": "fp32", "vocoder": "fp32"},
+    "small": {"encoder": "int4", "llm": "Q4_K_M", "speech_generator": "int4", "unit_duration": "fp32", "vocoder": "int8"},
+    "gpu-fp16": {"encoder": "fp16", "llm": "F16", "speech_generator": "fp16", "unit_duration": "fp32", "vocoder": "fp16"},
+}
+
+
+@pytest.mark.parametrize("preset", list(EXPECTED))
+def test_every_quantized_stage_loads_and_runs_in_the_runtime(quantized, preset, question_16k):
+    b = load_bundle(quantized[preset])  # hashes of the new files verified
+    assert {s.name: s.precision for s in b.stages.values()} == EXPECTED[preset]
+    details = b["quantization"]["stages"]
+    ops = details["encoder"]["quantized_ops"]
+    if preset == "balanced":
+        assert ops.get("MatMulInteger", 0) > 0 and ops.get("DynamicQuantizeLinear", 0) > 0
+    if preset == "small":
+        assert ops.get("MatMulNBits", 0) > 0
+        assert details["encoder"]["int8_nodes"]  # the adapter stays int8
+        assert details["vocoder"]["quantized_ops"].get("ConvInteger", 0) > 0
+        assert len(details["vocoder"]["kept_float"]) == 2  # conv_pre and conv_post
+        assert "fallback" in details["llm"]  # 64-wide rows cannot take Q4_K: recorded, not hidden
+    for name, d in details.items():
+        if b.stages[name].precision != d["source_precision"]:
+            assert d["bytes"] < d["source_bytes"], name
+
+    # Each stage on its own...
+    emb = SpeechEncoder(b)(question_16k)
+    assert emb.ndim == 2 and np.isfinite(emb).all()
+    prompt = b["llm"]["prompt"]
+    with LlamaCppLLM(b.file("llm")) as llm:
+        llm.eval_tokens(prompt["prefix_ids"])
+        llm.eval_embeddings(emb)
+        logits, hidden = llm.eval_tokens(prompt["suffix_ids"], want_last=True)
+    assert np.isfinite(logits).all() and np.isfinite(hidden).all()
+    gen = StreamingUnitGenerator(b)
+    units = gen.push(np.repeat(hidden[None], 4, axis=0))
+    assert all(0 <= u < 1000 for u in units)
+    audio = UnitVocoder(b).offline(list(range(10, 30)))
+    assert len(audio) > 0 and np.isfinite(audio).all()
+    # ...and the whole pipeline.
+    with Pipeline.load(b.path, PipelineConfig(max_new_tokens=12, ignore_eos=True)) as pipe:
+        done = [e for e in pipe.respond(question_16k, 16000) if isinstance(e, Done)][0]
+    assert len(done.tokens) == 12 and np.isfinite(done.audio).all()
+
+
+@pytest.mark.parametrize("preset", list(EXPECTED))
+def test_accuracy_report_fields_are_present_and_computed(quantized, preset, bundle):
+    m = json.loads((quantized[preset] / MANIFEST).read_text())
+    q = m["quantization"]
+    assert q["preset"] == preset and q["requantized"] is False
+    assert q["source"]["path"] == str(Path(bundle).resolve())
+    report = q["accuracy"]
+    assert report["input"]["audio"] == QUESTION.name and report["input"]["tokens"] == TOKENS
+    for role, keys in STAGE_METRICS.items():
+        rep = report["stages"][role]
+        for k in keys:
+            v = rep["metrics"][k]
+            assert isinstance(v, bool) or (isinstance(v, float) and (math.isfinite(v) or k == "snr_db")), (role, k, v)
+        assert set(rep) >= {"precision", "identical_file", "metrics", "tolerance", "ok", "failed_metrics"}
+        if not rep["identical_file"]:
+            assert rep["tolerance"], role  # every quantized stage is judged
+    e = report["end_to_end"]
+    for k in ("text_identical", "unit_agreement", "audio_snr_db", "audio_log_mel_distance_db"):
+        assert k in e
+    # Reduced precision leaves a measurable, bounded error; fp16 far less than int8, int8 less than int4.
+    enc = report["stages"]["encoder"]["metrics"]
+    assert 0 < enc["rel_rms_error"] < {"gpu-fp16": 1e-2, "balanced": 0.1, "small": 0.3}[preset]
+    llm = report["stages"]["llm"]["metrics"]
+    assert 0 < llm["mean_kl"] < 0.2 and 0.5 <= llm["top1_agreement"] <= 1
+    assert report["stages"]["encoder"]["ok"] and report["stages"]["vocoder"]["ok"]
+
+
+def test_fp32_preset_is_an_identical_copy(bundle, tmp_path):
+    out = _quantize(bundle, tmp_path / "fp32", "fp32")
+    report = json.loads((out / MANIFEST).read_text())["quantization"]["accuracy"]
+    assert report["ok"] and all(r["identical_file"] for r in report["stages"].values())
+    assert report["end_to_end"]["text_identical"] and report["end_to_end"]["audio_snr_db"] == float("inf")
+
+
+def _corrupt_onnx_weight(path: Path) -> str:
+    """Overwrite the largest quantized (int8 / packed int4) weight of a graph with random values."""
+    model = onnx.load(str(path))
+    quant = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
+    target = max(quant, key=lambda t: len(t.raw_data))
+    rng = np.random.default_rng(0)
+    target.raw_data = rng.integers(0, 256, len(target.raw_data), dtype=np.uint8).tobytes()
+    onnx.save(model, str(path))
+    return target.name
+
+
+def _corrupt_gguf_tensor(path: Path, name: str) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    tensor = next(t for t in reader.tensors if t.name == name)
+    data = tensor.data.view(np.uint8).reshape(-1)
+    data[:] = np.random.default_rng(1).integers(0, 256, data.size, dtype=np.uint8)
+    reader.data.flush()
+
+
+def _rehash(bundle_dir: Path) -> None:
+    """A broken quantizer would have recorded its broken output's hash: do the same."""
+    m = json.loads((bundle_dir / MANIFEST).read_text())
+    for s in m["stages"]:
+        s["sha256"] = sha256_file(bundle_dir / s["file"])
+    (bundle_dir / MANIFEST).write_text(json.dumps(m))
+
+
+def test_a_corrupted_quantized_weight_fails_the_report(quantized, bundle, tmp_path):
+    bad = shutil.copytree(quantized["balanced"], tmp_path / "bad")
+    _corrupt_onnx_weight(bad / "encoder.onnx")
+    _corrupt_gguf_tensor(bad / "llm.gguf", "blk.0.ffn_down.weight")
+    _rehash(bad)
+    report = measure_accuracy(load_bundle(bad), load_bundle(bundle), AccuracyOptions(tokens=TOKENS))
+    assert not report["ok"]
+    assert set(report["failed"]) >= {"encoder", "llm"}
+    assert "cosine_min" in report["stages"]["encoder"]["failed_metrics"]
+    assert report["stages"]["decoder"]["ok"] and report["stages"]["vocoder"]["ok"]  # charged to the right stages
+    # The intact bundle passes the same check.
+    good = measure_accuracy(load_bundle(quantized["balanced"]), load_bundle(bundle), AccuracyOptions(tokens=TOKENS))
+    assert good["stages"]["encoder"]["ok"]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_strict_exits_nonzero_on_a_corrupted_stage_and_writes_nothing(bundle, tmp_path, capsys, monkeypatch):
+    import omnilite.quant.onnx_quant as onnx_quant
+
+    real = onnx_quant.quantize_onnx
+
+    def corrupting(src, dst, config):  # a quantizer that damages the encoder's weights
+        extra, info = real(src, dst, config)
+        if Path(dst).name == "encoder.onnx":
+            _corrupt_onnx_weight(Path(dst))
+        return extra, info
+
+    monkeypatch.setattr(onnx_quant, "quantize_onnx", corrupting)
+    out = tmp_path / "q"
+    code = main(["quantize", str(bundle), str(out), "--preset", "balanced", "--strict", "--report-tokens", str(TOKENS)])
+    assert code == 2
+    printed = capsys.readouterr()
+    assert "FAIL encoder" in printed.out
+    assert "error: quantized stage(s) encoder exceed their tolerance" in printed.err and "no bundle was written" in printed.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no bundle, no partial dir
+
+    # Without --strict the bundle is written and the failure is reported loudly.
+    assert main(["quantize", str(bundle), str(out), "--preset", "balanced", "--report-tokens", str(TOKENS)]) == 0
+    printed = capsys.readouterr()
+    assert "FAIL encoder" in printed.out and "exceed their tolerance" in printed.err
+    assert json.loads((out / MANIFEST).read_text())["quantization"]["accuracy"]["failed"] == ["encoder"]
+    assert main(["info", str(out)]) == 0
+    assert "FAIL encoder" in capsys.readouterr().out
+
+
+def test_strict_with_a_user_tolerance_in_a_real_process(bundle, tmp_path):
+    out = tmp_path / "q"
+    r = subprocess.run([sys.executable, "-m", "omnilite", "quantize", str(bundle), str(out), "--preset", "small",
+                        "--strict", "--tolerance", "encoder.cosine_min=0.999999", "--report-tokens", str(TOKENS)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "exceed their tolerance (encoder: cosine_min)" in r.stderr and not out.exists()
+    bad = subprocess.run([sys.executable, "-m", "omnilite", "quantize", str(bundle), str(out), "--tolerance", "encoder.snr=3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "must be ROLE.METRIC=NUMBER" in bad.stderr
+
+
+def test_info_prints_the_quantization_report(quantized, capsys):
+    assert main(["info", str(quantized["small"])]) == 0
+    out = capsys.readouterr().out
+    assert "quantization: preset small" in out and "accuracy against" in out
+    for role in ("encoder", "llm", "decoder", "vocoder"):
+        assert f" {role} " in out
+    assert "int4" in out and "Q4_K_M" in out and "% of" in out
+
+
+def test_quantizing_a_quantized_bundle_is_refused(quantized, bundle, tmp_path, capsys):
+    assert main(["quantize", str(quantized["balanced"]), str(tmp_path / "again"), "--preset", "small"]) == 2
+    line = _error_line(capsys)
+    assert "is already quantized (preset balanced" in line and f"quantize its unquantized source {Path(bundle).resolve()}" in line
+    assert not (tmp_path / "again").exists()
+    # The same OUT twice: refused without --force.
+    assert main(["quantize", str(bundle), str(quantized["balanced"]), "--preset", "balanced"]) == 2
+    assert "already exists and is not empty" in _error_line(capsys)
+
+
+def test_requantization_when_allowed_is_measured_against_the_unquantized_bundle(quantized, bundle, tmp_path, capsys):
+    src = quantized["balanced"]
+    # Going up in precision, or requantizing an ONNX graph, stays refused.
+    assert main(["quantize", str(src), str(tmp_path / "up"), "--preset", "fp32", "--allow-requantize"]) == 2
+    assert "cannot restore the lost precision" in _error_line(capsys)
+    assert main(["quantize", str(src), str(tmp_path / "i4"), "--preset", "small", "--allow-requantize"]) == 2
+    assert "onnxruntime's quantizers need the float32 graph" in _error_line(capsys)
+    # Q8_0 -> Q4_K_M through llama.cpp, other stages kept: documented requantization.
+    out = tmp_path / "rq"
+    assert main(["quantize", str(src), str(out), "--preset", "balanced", "--llm", "Q4_K_M", "--allow-requantize",
+                 "--report-tokens", str(TOKENS)]) == 0
+    m = json.loads((out / MANIFEST).read_text())
+    q = m["quantization"]
+    assert q["requantized"] is True and q["stages"]["llm"]["source_precision"] == "Q8_0"
+    assert q["accuracy"]["reference"]["path"] == str(load_bundle(bundle).path)  # total error vs fp32
+    assert q["accuracy"]["stages"]["llm"]["precision"] == "Q4_K_M" and not q["accuracy"]["stages"]["llm"]["identical_file"]
+
+
+def test_export_with_a_preset(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["export", str(tiny_checkpoint), str(out), "--preset", "small", "--no-parity",
+                 "--decoder-precision", "int8", "--report-tokens", str(TOKENS)]) == 0
+    m = json.loads((out / MANIFEST).read_text())
+    precisions = {s["name"]: s["precision"] for s in m["stages"]}
+    assert precisions["encoder"] == "int4" and precisions["speech_generator"] == "int8" and precisions["llm"] == "Q4_K_M"
+    assert m["quantization"]["source"]["path"] is None and "not kept" in m["quantization"]["source"]["note"]
+    assert m["quantization"]["accuracy"]["stages"]["encoder"]["metrics"]["cosine_min"] > 0.9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]  # the unquantized export is gone
+    assert "wrote bundle" in capsys.readouterr().out
+
+
+def test_onnx_quantizer_refuses_an_already_quantized_graph(quantized, tmp_path):
+    with pytest.raises(OmniliteError, match="already reduced-precision"):
+        quantize_onnx(quantized["balanced"] / "encoder.onnx", tmp_path / "x.onnx", OnnxQuantConfig("int4"))
+
+
+def test_metric_helpers():
+    assert sequence_agreement([1, 2, 3], [1, 2, 3]) == 1.0 and sequence_agreement([], []) == 1.0
+    assert sequence_agreement([1, 2, 3, 4], [1, 3, 4]) == 0.75
+    logits = np.random.default_rng(0).standard_normal((3, 50))
+    assert np.allclose(kl_divergence(logits, logits), 0) and (kl_divergence(logits, logits[:, ::-1]) > 0).all()
+    noise = np.random.default_rng(1).standard_normal(16000)
+    assert log_mel_distance_db(noise, noise) == 0.0
+    assert log_mel_distance_db(noise, 0.5 * noise) == pytest.approx(20 * np.log10(2), rel=0.01)  # -6 dB in every bin
+
+
+def test_quant_package_does_not_import_torch():
+    code = "import sys, omnilite.quant, omnilite.quant.bundle_quant; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

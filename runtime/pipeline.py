@@ -21,6 +21,7 @@ the instruction), never the history again.
 from __future__ import annotations
 
 import codecs
+import importlib
 import logging
 import threading
 import time
@@ -45,6 +46,9 @@ from .vocoder import UnitVocoder, VocoderStreamConfig
 log = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = ("llama-omni",)
+# Families with their own pipeline class (a subclass sharing this one's stages and drivers),
+# imported only when such a bundle is loaded.
+FAMILY_PIPELINES = {"llama-omni2": "omnilite.runtime.omni2.pipeline:Omni2Pipeline"}
 MODES = ("overlapped", "sequential")
 STAGES = ("resample", "mel", "encoder", "llm_prefill", "llm_decode", "speech_generator", "vocoder")
 # What separates the previous assistant reply from the next user turn's speech in the llama_3
@@ -143,7 +147,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle: str | Path, config: PipelineConfig = PipelineConfig()) -> "Pipeline":
-        return cls(load_bundle(bundle, verify=config.verify_bundle), config)
+        """Load a bundle; the manifest's family picks the pipeline class (never the caller)."""
+        b = load_bundle(bundle, verify=config.verify_bundle)
+        if cls is Pipeline and b.family in FAMILY_PIPELINES:
+            module, name = FAMILY_PIPELINES[b.family].split(":")
+            cls = getattr(importlib.import_module(module), name)
+        return cls(b, config)
 
     def close(self) -> None:
         self.llm.close()
@@ -271,7 +280,10 @@ class Pipeline:
                     piece = text_decoder.decode(self.llm.token_piece(tok))
                     if piece:
                         yield _TEXT, TextDelta(piece)
-                if len(pending) == self.omega:
+                # The reply's last token goes out with the final chunk (not as a full chunk followed by
+                # an empty final one): LLaMA-Omni2's TTS treats the final chunk differently.
+                last = len(state.tokens) >= self.config.max_new_tokens or (tok in self.eos_ids and not self.config.ignore_eos)
+                if len(pending) == self.omega and not last:
                     yield _HIDDEN, (np.stack(pending), False)
                     pending = []
                 token.check()  # between tokens: a cancelled reply stops after at most one more
@@ -282,7 +294,9 @@ class Pipeline:
         finally:
             self._finish_turn(reply.conversation, state.tokens)
 
-    def _units_step(self, reply: "Reply", hidden: np.ndarray | None) -> list[int]:
+    def _units_step(self, reply: "Reply", hidden: np.ndarray | None, final: bool = False) -> list[int]:
+        # `final` (the reply's last chunk) is unused here; a family whose speech generator must
+        # know where the text ends (LLaMA-Omni2 appends <sep>) overrides this step.
         with reply.clock.stage("speech_generator"):
             new = self.units.push(hidden) if hidden is not None else []
         reply.state.units.extend(new)
@@ -372,7 +386,7 @@ class Reply:
                 yield payload
                 continue
             hidden, final = payload
-            units = pipe._units_step(self, hidden)
+            units = pipe._units_step(self, hidden, final)
             wav = pipe._vocoder_step(self, units, final)
             if len(wav):
                 yield AudioChunk(wav, pipe.sample_rate)
@@ -396,7 +410,7 @@ class Reply:
             while not final:
                 (hidden, final), waited = hidden_ch.get()
                 clock.waited("speech_generator", waited)
-                clock.waited("speech_generator", units_ch.put((pipe._units_step(self, hidden), final)))
+                clock.waited("speech_generator", units_ch.put((pipe._units_step(self, hidden, final), final)))
 
         def vocoder_worker() -> None:
             final = False

@@ -44,3 +44,7 @@ def reference(tiny_checkpoint):
 def question_16k() -> np.ndarray:
     audio, rate = read_wav(QUESTION)
     return prepare_speech(audio, rate, 16000)
+
+
+# LLaMA-Omni2 fixtures live in their own module; importing them here makes them session-wide.
+from omni2_fixtures import omni2_bundle, omni2_checkpoint, omni2_reference, omni2_reply  # noqa: E402,F401

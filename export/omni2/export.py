@@ -176,6 +176,15 @@ STAGE_FILES = (
 )
 
 
+def turn_prefix_ids(model_dir: Path) -> list[int]:
+    """What separates a finished assistant reply from the next user turn's speech in the Qwen
+    template: the reply's <|im_end|> (never fed: generation stops on it), newline, user header."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return tok.encode("<|im_end|>\n<|im_start|>user\n", add_special_tokens=False).ids
+
+
 def _manifest(ckpt: Omni2Checkpoint, ref: Omni2ReferencePipeline, tmp: Path, options: Omni2ExportOptions,
               side_files: dict[str, list[str]]) -> dict:
     c, fc, hc = ckpt.config, ckpt.flow_config, ckpt.hift_config
@@ -230,6 +239,7 @@ def _manifest(ckpt: Omni2Checkpoint, ref: Omni2ReferencePipeline, tmp: Path, opt
             "n_vocab": ckpt.llm_config.vocab_size,
             "eos_ids": sorted(ref.eos_ids),
             "prompt": {"prefix_ids": ref.prompt.prefix_ids, "suffix_ids": ref.prompt.suffix_ids, "text": ref.prompt.text,
+                       "turn_prefix_ids": turn_prefix_ids(ckpt.model_dir),
                        "template": "tokenizer_config.json chat_template, one user turn '<speech>'"},
             "max_context": int(c.get("tokenizer_model_max_length", 2048)),
         },

@@ -1,0 +1,187 @@
+"""The torch-free LLaMA-Omni2 pipeline: the shared `Pipeline` (frontend, Qwen2.5 LLM, conversations,
+overlapped/sequential drivers, cancellation, events) with LLaMA-Omni2's speech side plugged in.
+
+encoder (ONNX) -> Qwen2.5 (llama.cpp) -> every R text tokens: gate fusion + TTS LM writing W speech
+tokens (llama.cpp, one KV cache for the whole reply) -> chunked causal flow (ONNX + numpy Euler) ->
+HiFT through the ring buffer (ONNX) -> AudioChunk events.
+
+Stage names in timings: ``speech_generator`` is the TTS LM (fusion included); ``vocoder`` is flow +
+HiFT, also reported apart as ``flow`` and ``hift``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..encoder import SpeechEncoder
+from ..errors import BundleError, OmniliteError
+from ..llm import LlamaCppLLM, LLMConfig
+from ..onnx_session import SessionOptions
+from ..pipeline import Pipeline, PipelineConfig
+from ..vocoder import VocoderStreamConfig
+from .flow import FlowDecoder, FlowStreamConfig
+from .hift import HiFTVocoder
+from .tts import TTSDecoding, TTSWriter
+
+log = logging.getLogger(__name__)
+
+FAMILY = "llama-omni2"
+_QWEN_TURN_PREFIX = "<|im_end|>\n<|im_start|>user\n"
+
+
+@dataclass(frozen=True)
+class Omni2PipelineConfig(PipelineConfig):
+    read: int | None = None  # R: LLM tokens per write step; None: the bundle's (config stream_params)
+    write: int | None = None  # W: TTS tokens written per step; None: the bundle's
+    max_tts_tokens: int | None = None  # cap after the text ends; None: the official 1024
+    tts: TTSDecoding = field(default_factory=TTSDecoding)
+    flow: FlowStreamConfig = field(default_factory=FlowStreamConfig)
+    vocoder: VocoderStreamConfig = field(default_factory=lambda: VocoderStreamConfig(crossfade=480))
+
+
+def as_omni2_config(config: PipelineConfig) -> Omni2PipelineConfig:
+    """A plain `PipelineConfig` works too: its `omega` (text tokens per speech chunk) becomes R."""
+    if isinstance(config, Omni2PipelineConfig):
+        return config
+    base = {f.name: getattr(config, f.name) for f in dataclasses.fields(PipelineConfig)}
+    base["vocoder"] = VocoderStreamConfig(crossfade=480) if config.vocoder == VocoderStreamConfig() else config.vocoder
+    return Omni2PipelineConfig(**base, read=config.omega)
+
+
+class _TTSStage:
+    """Adapts `TTSWriter` to the pipeline's speech-generator slot: hidden-state chunks in, units out.
+    The chunk's tokens are the next ones of the reply (the LLM stage appended them before handing
+    the chunk over), so the stage keeps its own position in the reply's token list."""
+
+    def __init__(self, writer: TTSWriter, write: int, max_final: int):
+        self.writer, self.write, self.max_final = writer, write, max_final
+        self.consumed = 0
+        self.tts_tokens: list[int] = []
+
+    def reset(self) -> None:
+        self.writer.reset()
+        self.consumed = 0
+        self.tts_tokens = []
+
+    def push(self, hidden: np.ndarray | None, reply_tokens: list[int], final: bool) -> list[int]:
+        n = 0 if hidden is None else len(hidden)
+        tokens = reply_tokens[self.consumed:self.consumed + n]
+        self.consumed += n
+        written = self.writer.write(hidden, tokens, finished=final, max_new=self.max_final if final else self.write)
+        self.tts_tokens += written
+        return self.writer.units(written)
+
+
+class _SpeechStream:
+    """units -> flow stream -> mel -> HiFT stream -> audio, with per-part timing."""
+
+    def __init__(self, pipe: "Omni2Pipeline", clock=None):
+        self.flow = pipe.flow.stream(pipe.config.flow)
+        self.hift = pipe.hift.stream(pipe.config.vocoder)
+        self.clock = clock
+
+    def _timed(self, name: str):
+        return self.clock.stage(name) if self.clock is not None else _Null()
+
+    def push(self, units: list[int]) -> np.ndarray:
+        with self._timed("flow"):
+            mel = self.flow.push(units)
+        with self._timed("hift"):
+            return self.hift.push(mel) if mel.shape[1] else np.zeros(0, np.float32)
+
+    def flush(self) -> np.ndarray:
+        with self._timed("flow"):
+            mel = self.flow.flush()
+        with self._timed("hift"):
+            return np.concatenate([self.hift.push(mel), self.hift.flush()])
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _SpeechVocoder:
+    """What `Reply` expects in `pipe.vocoder`: `.stream(config)` giving push(units) / flush()."""
+
+    def __init__(self, pipe: "Omni2Pipeline"):
+        self.pipe = pipe
+        self.sample_rate = pipe.hift.sample_rate
+
+    def stream(self, _config=None) -> _SpeechStream:
+        return _SpeechStream(self.pipe)
+
+
+class Omni2Pipeline(Pipeline):
+    def __init__(self, bundle: Bundle, config: PipelineConfig = PipelineConfig()):
+        if bundle.family != FAMILY:
+            raise BundleError(f"{bundle.path} is a '{bundle.family}' bundle, not LLaMA-Omni2; load it with Pipeline.load.")
+        config = as_omni2_config(config)
+        if config.mode not in ("overlapped", "sequential"):
+            raise OmniliteError(f"pipeline mode {config.mode!r} is unknown; use one of: overlapped, sequential.")
+        if config.queue_size < 1 or config.event_queue_size < 1:
+            raise OmniliteError("queue sizes must be at least 1 chunk; raise queue_size / event_queue_size.")
+        self.bundle, self.config = bundle, config
+        ort = SessionOptions(providers=config.providers, intra_op_threads=config.threads or 0)
+        self.encoder = SpeechEncoder(bundle, ort)
+        llm_cfg = bundle["llm"]
+        prompt = llm_cfg["prompt"]
+        self.prefix_ids, self.suffix_ids = list(prompt["prefix_ids"]), list(prompt["suffix_ids"])
+        self.eos_ids = frozenset(llm_cfg["eos_ids"])
+        self.max_speech_positions = bundle["encoder"]["max_mel_frames"] // bundle["encoder"]["frames_per_position"]
+        needed = len(self.prefix_ids) + len(self.suffix_ids) + self.max_speech_positions + config.max_new_tokens + 8
+        n_ctx = config.n_ctx or max(2048, needed)
+        if n_ctx < needed:
+            raise OmniliteError(f"n_ctx={n_ctx} cannot hold one turn ({needed} positions with "
+                                f"max_new_tokens={config.max_new_tokens}); raise n_ctx or lower max_new_tokens.")
+        kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
+        self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads,
+                                                             n_gpu_layers=config.n_gpu_layers, kv_cache=kv))
+        self.turn_prefix_ids = list(prompt.get("turn_prefix_ids") or self.llm.tokenize(_QWEN_TURN_PREFIX, special=True))
+        stream = bundle["streaming"]
+        self.read = int(config.read or stream["read"])
+        self.write = int(config.write or stream["write"])
+        if self.read < 1 or self.write < 1:
+            raise OmniliteError(f"read/write must be at least 1 token each, got R={self.read}, W={self.write}.")
+        max_final = int(config.max_tts_tokens or bundle["tts"]["max_tokens_final"])
+        # The TTS context holds every fused text token, every written speech token and <sep>.
+        tts_ctx = config.max_new_tokens * (1 + -(-self.write // self.read)) + max_final + 16
+        tts_kv = "f32" if bundle.stages["tts_lm"].precision == "f32" else "f16"
+        writer = TTSWriter(bundle, LLMConfig(n_ctx=max(512, tts_ctx), n_threads=config.threads,
+                                             n_gpu_layers=config.n_gpu_layers, kv_cache=tts_kv), ort, config.tts)
+        self.tts = writer
+        self.units = _TTSStage(writer, self.write, max_final)
+        self.omega = self.read  # the shared LLM stage hands over a chunk every `omega` tokens
+        self.flow = FlowDecoder(bundle, ort)
+        self.hift = HiFTVocoder(bundle, ort)
+        self.vocoder = _SpeechVocoder(self)
+        self.sample_rate = self.hift.sample_rate
+        self._busy = threading.Lock()
+        self._conversation = None
+
+    def close(self) -> None:
+        self.llm.close()
+        self.tts.close()
+
+    def _units_step(self, reply, hidden: np.ndarray | None, final: bool = False) -> list[int]:
+        with reply.clock.stage("speech_generator"):
+            new = self.units.push(hidden, reply.state.tokens, final)
+        reply.state.units.extend(new)
+        return new
+
+    def _vocoder_step(self, reply, units: list[int], final: bool) -> np.ndarray:
+        reply.stream.clock = reply.clock
+        with reply.clock.stage("vocoder"):
+            wav = reply.stream.push(units)
+            if final:
+                wav = np.concatenate([wav, reply.stream.flush()])
+        return wav

@@ -1,0 +1,70 @@
+"""The torch-free LLaMA-Omni2 runtime end to end against the PyTorch reference."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from omnilite.runtime import AudioChunk, Done, Pipeline, PipelineConfig, TextDelta, Timing
+from omnilite.runtime.metrics import snr_db
+from omnilite.runtime.omni2.pipeline import Omni2Pipeline, Omni2PipelineConfig
+
+from omni2_fixtures import MAX_TTS, N_TOKENS
+
+
+def _run(pipe, audio, rate=16000):
+    events = list(pipe.respond(audio, rate))
+    assert isinstance(events[-1], Done)
+    return events, events[-1]
+
+
+@pytest.mark.parametrize("mode", ["overlapped", "sequential"])
+def test_reply_matches_reference(omni2_bundle, omni2_reply, question_16k, mode):
+    config = Omni2PipelineConfig(max_new_tokens=N_TOKENS, ignore_eos=True, max_tts_tokens=MAX_TTS, mode=mode)
+    with Pipeline.load(omni2_bundle, config) as pipe:
+        assert isinstance(pipe, Omni2Pipeline)  # chosen from the manifest's family
+        events, done = _run(pipe, question_16k)
+        assert done.text == pipe.llm.detokenize(omni2_reply.tokens)
+    assert done.tokens == omni2_reply.tokens and done.units == omni2_reply.units
+    assert done.text == "".join(e.text for e in events if isinstance(e, TextDelta))
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks) >= 2 and all(c.sample_rate == 24000 for c in chunks)
+    assert np.array_equal(np.concatenate([c.samples for c in chunks]), done.audio)
+    assert snr_db(omni2_reply.audio, done.audio) >= 30.0
+    stages = {e.stage for e in events if isinstance(e, Timing)}
+    assert {"encoder", "llm_prefill", "llm_decode", "speech_generator", "vocoder", "ttft", "ttfa", "total"} <= stages
+    assert done.timings["flow"] > 0 and done.timings["hift"] > 0
+    assert done.timings["ttft"] <= done.timings["ttfa"] <= done.timings["total"]
+
+
+@pytest.mark.parametrize("read,write", [(1, 5), (5, 15)])
+def test_read_write_are_runtime_options(omni2_bundle, omni2_reference, question_16k, read, write):
+    ref = omni2_reference.generate(question_16k, max_new_tokens=12, ignore_eos=True, read=read, write=write, max_tts_tokens=30)
+    config = Omni2PipelineConfig(max_new_tokens=12, ignore_eos=True, max_tts_tokens=30, read=read, write=write, mode="sequential")
+    with Pipeline.load(omni2_bundle, config) as pipe:
+        assert (pipe.read, pipe.write) == (read, write)
+        _, done = _run(pipe, question_16k)
+        assert pipe.units.tts_tokens == ref.tts_tokens
+    assert done.units == ref.units
+    assert snr_db(ref.audio, done.audio) >= 30.0
+
+
+def test_plain_pipeline_config_maps_omega_to_read(omni2_bundle):
+    with Pipeline.load(omni2_bundle, PipelineConfig(omega=4, max_new_tokens=8)) as pipe:
+        assert isinstance(pipe, Omni2Pipeline) and (pipe.read, pipe.write) == (4, 10)
+
+
+def test_bad_read_write_is_one_sentence(omni2_bundle):
+    from omnilite.runtime.errors import OmniliteError
+
+    with pytest.raises(OmniliteError, match="read/write must be at least 1 token each"):
+        Pipeline.load(omni2_bundle, Omni2PipelineConfig(write=-1))
+
+
+def test_omni2_runtime_imports_no_torch():
+    code = ("import sys, omnilite.runtime.omni2.pipeline;"
+            "bad = [m for m in ('torch', 'transformers', 'safetensors', 'gguf', 'onnx') if m in sys.modules];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

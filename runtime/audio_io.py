@@ -164,16 +164,22 @@ class DeviceAudio:
         except Exception as e:  # noqa: BLE001 - PortAudio raises ValueError/PortAudioError for absent devices
             raise DeviceError(f"no usable audio device ({e}); choose one from `omnilite chat --list-devices` "
                               f"with --input-device/--output-device, or {NO_DEVICE_HINT}.") from None
-        self._output_underflows = 0
+        self.output_underflows = 0  # PortAudio's own count: the host wanted audio before the callback gave it
+        self._error: BaseException | None = None
         blocksize = int(round(rate * block_ms / 1000))
 
         def callback(indata, outdata, frames, time_info, status) -> None:
             if status.output_underflow:
-                self._output_underflows += 1
-            # The capture rate equals the playback rate on a duplex stream; the session resamples
-            # whatever it is to 16 kHz for the VAD and the encoder.
-            self.session.feed(indata[:, 0].copy(), rate)
-            outdata[:, 0] = self.session.read_output(frames)
+                self.output_underflows += 1
+            try:
+                # The capture rate equals the playback rate on a duplex stream; the session resamples
+                # whatever it is to 16 kHz for the VAD and the encoder.
+                self.session.feed(indata[:, 0].copy(), rate)
+                outdata[:, 0] = self.session.read_output(frames)
+            except BaseException as e:  # noqa: BLE001 - PortAudio's thread would swallow it; wait() re-raises
+                self._error = e
+                outdata.fill(0)
+                raise sd.CallbackAbort from None
             self.stats.blocks += 1
 
         try:
@@ -185,6 +191,16 @@ class DeviceAudio:
 
     def start(self) -> None:
         self._stream.start()
+
+    @property
+    def running(self) -> bool:
+        return self._error is None and bool(getattr(self._stream, "active", True))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Raises what stopped the stream (an error in the callback); True once it has stopped."""
+        if self._error is not None:
+            raise self._error
+        return not self.running
 
     def stop(self) -> None:
         self._stream.stop()

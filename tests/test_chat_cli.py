@@ -28,7 +28,7 @@ def _error_line(capsys) -> str:
 def test_chat_with_files_prints_two_replies_and_latency_lines(bundle, tmp_path, capsys):
     out = tmp_path / "out.wav"
     code = main(["chat", str(bundle), "--input-file", str(CONVERSATION), "--output-file", str(out),
-                 "--pace", "4", "--max-new-tokens", "12", "--ignore-eos"])
+                 "--pace", "2", "--max-new-tokens", "12", "--ignore-eos"])
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.count("you: speaking at") == 2 and printed.count("assistant: ") == 2
@@ -74,6 +74,7 @@ def _fake_sounddevice(devices, stream_cls=None):
     mod.query_devices = query_devices
     mod.default = types.SimpleNamespace(device=(0, 0))
     mod.Stream = stream_cls
+    mod.CallbackAbort = type("CallbackAbort", (Exception,), {})
     return mod
 
 
@@ -141,3 +142,35 @@ def test_device_callback_runs_the_same_session_step(bundle, monkeypatch, questio
         device.stop()
     assert done and len(done[0].audio) > 0
     assert np.any(np.concatenate(played))  # the reply reached the (fake) speaker
+
+
+def test_an_error_in_the_sound_card_callback_reaches_the_caller(bundle, monkeypatch):
+    from omnilite.runtime import AudioError, Pipeline, PipelineConfig
+    from omnilite.runtime.session import Session, SessionConfig
+
+    class OneBlockStream:
+        def __init__(self, samplerate, blocksize, device, channels, dtype, callback):
+            self.block, self.callback, self.active = blocksize, callback, True
+
+        def start(self):
+            indata = np.full((self.block, 1), np.nan, np.float32)  # a broken driver
+            try:
+                self.callback(indata, np.zeros((self.block, 1), np.float32), self.block, None,
+                              types.SimpleNamespace(output_underflow=False))
+            except Exception:
+                self.active = False  # PortAudio stops the stream on CallbackAbort
+
+        def stop(self):
+            pass
+
+        def close(self):
+            pass
+
+    devs = [{"name": "duplex", "max_input_channels": 1, "max_output_channels": 1, "default_samplerate": 16000.0}]
+    monkeypatch.setitem(sys.modules, "sounddevice", _fake_sounddevice(devs, OneBlockStream))
+    with Pipeline.load(bundle, PipelineConfig(max_new_tokens=2)) as p, Session(p, SessionConfig(vad="energy")) as s:
+        device = DeviceAudio(s)
+        device.start()
+        assert not device.running
+        with pytest.raises(AudioError, match="NaN or infinite"):
+            device.wait()

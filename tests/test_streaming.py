@@ -246,3 +246,14 @@ def test_frame_ring_streams_any_frame_vocoder():
         streamed = np.concatenate(parts)
         assert len(streamed) == len(offline) and snr_db(offline, streamed) >= min_snr
         assert ring.max_buffered_frames <= ring.left + ring.lookahead + 2 * 7  # flat: 400 frames went through
+
+
+def test_live_runtime_modules_are_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, omnilite.runtime.session, omnilite.runtime.vad, omnilite.runtime.audio_io, "
+            "omnilite.benchmarks.streaming; from omnilite.runtime.vad import make_vad; make_vad('auto');"
+            "bad = [m for m in ('torch', 'silero_vad', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

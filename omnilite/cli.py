@@ -284,8 +284,8 @@ def cmd_chat(args) -> int:
                         turns += 1
                         underruns += e.stats.get("underruns", 0)
                         print("\n" + _chat_line(e), flush=True)
-                if not audio.running:  # the file is done, or the sound card stream stopped
-                    audio.wait()  # raises what stopped it, if anything did
+                if args.input_file and not audio.running:
+                    audio.wait()
                     break
         except KeyboardInterrupt:
             print("\nstopped")

@@ -228,7 +228,7 @@ class Pipeline:
             self.llm.eval_embeddings(embeds)
             first = self.llm.eval_tokens(self.suffix_ids, want_last=True)
         finally:
-            if first is None and conv.prepared_at >= 0:  # failed midway: back to as prepared, not half a turn
+            if first is None:  # failed midway: leave the cache as prepared, not half a user turn
                 self.llm.truncate(min(conv.prepared_at, self.llm.n_past))
         state.stats["prompt_tokens"] = conv.prepared_tokens + len(embeds) + len(self.suffix_ids)
         state.stats["context"] = self.llm.n_past
@@ -293,6 +293,12 @@ class Pipeline:
             yield _HIDDEN, (np.stack(pending) if pending else None, True)
         finally:
             self._finish_turn(reply.conversation, state.tokens)
+
+    def _speech_units(self, reply: "Reply", hidden: np.ndarray | None, final: bool) -> Iterator[tuple[list[int], bool]]:
+        """(units, last) pieces for one hidden-state chunk; `last` marks the reply's final piece. One
+        piece here; a speech generator that keeps writing after the text ends (LLaMA-Omni2's TTS LM)
+        yields several, so the vocoder starts on them before the writing is done."""
+        yield self._units_step(reply, hidden, final), final
 
     def _units_step(self, reply: "Reply", hidden: np.ndarray | None, final: bool = False) -> list[int]:
         # `final` (the reply's last chunk) is unused here; a family whose speech generator must
@@ -386,11 +392,11 @@ class Reply:
                 yield payload
                 continue
             hidden, final = payload
-            units = pipe._units_step(self, hidden, final)
-            wav = pipe._vocoder_step(self, units, final)
-            if len(wav):
-                yield AudioChunk(wav, pipe.sample_rate)
-            self.token.check()
+            for units, last in pipe._speech_units(self, hidden, final):
+                wav = pipe._vocoder_step(self, units, last)
+                if len(wav):
+                    yield AudioChunk(wav, pipe.sample_rate)
+                self.token.check()
 
     def _overlapped(self) -> Iterator[Event]:
         pipe, token, clock = self.pipe, self.token, self.clock
@@ -410,7 +416,8 @@ class Reply:
             while not final:
                 (hidden, final), waited = hidden_ch.get()
                 clock.waited("speech_generator", waited)
-                clock.waited("speech_generator", units_ch.put((pipe._units_step(self, hidden, final), final)))
+                for piece in pipe._speech_units(self, hidden, final):
+                    clock.waited("speech_generator", units_ch.put(piece))
 
         def vocoder_worker() -> None:
             final = False

@@ -69,13 +69,21 @@ class _TTSStage:
         self.consumed = 0
         self.tts_tokens = []
 
-    def push(self, hidden: np.ndarray | None, reply_tokens: list[int], final: bool) -> list[int]:
+    def push(self, hidden: np.ndarray | None, reply_tokens: list[int], final: bool, max_new: int | None = None) -> tuple[list[int], bool]:
+        """Fuse the chunk's tokens (plus <sep> when `final`) and write up to `max_new` (default W)
+        tokens; returns (units, ended) where `ended` says the TTS LM wrote its eos."""
         n = 0 if hidden is None else len(hidden)
         tokens = reply_tokens[self.consumed:self.consumed + n]
         self.consumed += n
-        written = self.writer.write(hidden, tokens, finished=final, max_new=self.max_final if final else self.write)
+        written = self.writer.write(hidden, tokens, finished=final, max_new=max_new or self.write)
         self.tts_tokens += written
-        return self.writer.units(written)
+        return self.writer.units(written), bool(written) and written[-1] == self.writer.eos_id
+
+    def more(self, max_new: int) -> tuple[list[int], bool]:
+        """Keep writing after the text ended (the pending token is fed first: same as one long write)."""
+        written = self.writer.write(None, [], finished=False, max_new=max_new)
+        self.tts_tokens += written
+        return self.writer.units(written), bool(written) and written[-1] == self.writer.eos_id
 
 
 class _SpeechStream:
@@ -173,10 +181,27 @@ class Omni2Pipeline(Pipeline):
         self.tts.close()
 
     def _units_step(self, reply, hidden: np.ndarray | None, final: bool = False) -> list[int]:
-        with reply.clock.stage("speech_generator"):
-            new = self.units.push(hidden, reply.state.tokens, final)
-        reply.state.units.extend(new)
-        return new
+        return next(self._speech_units(reply, hidden, final))[0]
+
+    def _speech_units(self, reply, hidden: np.ndarray | None, final: bool):
+        """A text chunk's W speech tokens; after the last text chunk (and <sep>), the rest of the
+        speech in pieces of W tokens up to eos or the cap, each handed to the vocoder at once (the
+        official code writes them all in one call, so audio would wait for the whole tail)."""
+        stage, clock = self.units, reply.clock
+        cap = stage.max_final if final else stage.write
+        with clock.stage("speech_generator"):
+            units, ended = stage.push(hidden, reply.state.tokens, final, max_new=min(stage.write, cap))
+        written = min(stage.write, cap)
+        reply.state.units.extend(units)
+        while final and not ended and written < cap:
+            yield units, False
+            reply.token.check()
+            n = min(stage.write, cap - written)
+            with clock.stage("speech_generator"):
+                units, ended = stage.more(n)
+            written += n
+            reply.state.units.extend(units)
+        yield units, final
 
     def _vocoder_step(self, reply, units: list[int], final: bool) -> np.ndarray:
         reply.stream.clock = reply.clock

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omnilite import __version__
 
-FAMILIES = ("llama-omni",)
+FAMILIES = ("llama-omni", "llama-omni2")
 DEMO_QUESTION = Path(__file__).parent / "data" / "question.wav"
 
 
@@ -69,6 +69,13 @@ def _respond_to_file(bundle: Path, wav_in: Path, wav_out: Path, text_out: Path |
 
 
 def cmd_make_tiny(args) -> int:
+    if args.family == "llama-omni2":
+        from omnilite.export.omni2.tiny import make_tiny_llama_omni2
+
+        shape = args.size if args.shape == "real" else "tiny"
+        model_dir = make_tiny_llama_omni2(Path(args.out), shape=shape, seed=args.seed, overwrite=args.force)
+        print(f"wrote a {shape} {args.family} checkpoint with random weights to {args.out} (model dir {model_dir})")
+        return 0
     from omnilite.export.tiny import make_tiny_llama_omni
 
     model_dir = make_tiny_llama_omni(Path(args.out), shape=args.shape, seed=args.seed, overwrite=args.force)
@@ -76,7 +83,35 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _is_omni2(checkpoint: str) -> bool:
+    """The checkpoint's config.json (the model dir's, or the one under models/) names its family."""
+    root = Path(checkpoint)
+    for cfg in [root / "config.json", *sorted(root.glob("models/LLaMA-Omni2-*/config.json"))]:
+        if cfg.is_file():
+            try:
+                return str(json.loads(cfg.read_text()).get("model_type", "")).startswith("omni2_")
+            except ValueError:
+                return False
+    return False
+
+
+def _export_omni2(args) -> int:
+    from omnilite.export.omni2.export import Omni2ExportOptions, export_llama_omni2
+    from omnilite.runtime.errors import OmniliteError
+
+    if args.preset != "fp32" or any(_quant_overrides(args).values()):
+        raise OmniliteError("LLaMA-Omni2 bundles are exported in fp32 only for now; export without --preset.")
+    options = Omni2ExportOptions(llm_dtype=args.llm_dtype, parity=not args.no_parity, strict_parity=not args.no_strict,
+                                 overwrite=args.force)
+    out = export_llama_omni2(args.checkpoint, args.out, options, args.speech_encoder, args.decoder, args.speaker_wav)
+    _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))
+    print(f"wrote bundle {out}")
+    return 0
+
+
 def cmd_export(args) -> int:
+    if _is_omni2(args.checkpoint):
+        return _export_omni2(args)
     from omnilite.export.llama_omni import ExportOptions, export_llama_omni
 
     options = ExportOptions(llm_dtype=args.llm_dtype, omega=args.omega, parity=not args.no_parity,
@@ -284,8 +319,8 @@ def cmd_chat(args) -> int:
                         turns += 1
                         underruns += e.stats.get("underruns", 0)
                         print("\n" + _chat_line(e), flush=True)
-                if args.input_file and not audio.running:
-                    audio.wait()
+                if not audio.running:  # the file is done, or the sound card stream stopped
+                    audio.wait()  # raises what stopped it, if anything did
                     break
         except KeyboardInterrupt:
             print("\nstopped")
@@ -326,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("family", choices=FAMILIES)
     s.add_argument("out")
     s.add_argument("--shape", choices=("tiny", "real"), default="tiny", help="'real' writes the released dimensions (about 17 GB)")
+    s.add_argument("--size", choices=("0.5B", "1.5B", "7B"), default="0.5B",
+                   help="llama-omni2 with --shape real: which release (0.5B is about 3.3 GB in bf16)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(func=cmd_make_tiny)
@@ -335,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--speech-encoder", help="Whisper large-v3.pt (default: models/speech_encoder/large-v3.pt next to the model dir)")
     s.add_argument("--vocoder", help="unit vocoder dir with g_00500000 and config.json (default: vocoder/ next to the model dir)")
+    s.add_argument("--decoder", help="LLaMA-Omni2: the CosyVoice2 decoder dir (default: models/cosy2_decoder)")
+    s.add_argument("--speaker-wav", help="LLaMA-Omni2: the voice prompt (official: llama_omni2/inference/prompt_en.wav)")
     s.add_argument("--llm-dtype", choices=("f32", "f16"), default="f32")
     s.add_argument("--omega", type=int, default=10, help="text tokens per speech-generator chunk")
     s.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")

@@ -228,7 +228,7 @@ class Pipeline:
             self.llm.eval_embeddings(embeds)
             first = self.llm.eval_tokens(self.suffix_ids, want_last=True)
         finally:
-            if first is None:  # failed midway: leave the cache as prepared, not half a user turn
+            if first is None and conv.prepared_at >= 0:  # failed midway: back to as prepared, not half a turn
                 self.llm.truncate(min(conv.prepared_at, self.llm.n_past))
         state.stats["prompt_tokens"] = conv.prepared_tokens + len(embeds) + len(self.suffix_ids)
         state.stats["context"] = self.llm.n_past

@@ -15,11 +15,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from omnilite import __version__
 from omnilite.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from omnilite.runtime.encoder import DEFAULT_FAST_MODE, EncoderMode
 from omnilite.runtime.errors import OmniliteError
 
 from .checkpoint import LlamaOmniCheckpoint
@@ -29,6 +31,7 @@ from .onnx_export import export_onnx, io_shapes
 from .parity import measure_parity
 from .prompt import SYSTEM_PROMPT, USER_INSTRUCTION
 from .reference import ReferencePipeline
+from .speech_encoder import PADDING_CACHE_FILE, encoder_manifest, padding_cache
 from .unit_vocoder import FrameVocoder, UnitDuration, duration_receptive_field, receptive_field_frames
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ FAMILY = "llama-omni"
 class ExportOptions:
     llm_dtype: str = "f32"  # "f32" or "f16" GGUF weights
     omega: int = 10  # text tokens per speech-generator chunk (the paper's default)
+    encoder_mode: str = DEFAULT_FAST_MODE  # the bundle's default encoder mode (runtime flag overrides)
     parity: bool = True
     strict_parity: bool = True  # refuse to write a bundle whose stage misses its threshold
     overwrite: bool = False
@@ -53,6 +57,7 @@ def export_llama_omni(checkpoint: str | Path, out: str | Path, options: ExportOp
         raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass --force.")
     if options.llm_dtype not in ("f32", "f16"):
         raise OmniliteError(f"LLM dtype {options.llm_dtype!r} is not supported; use f32 or f16.")
+    EncoderMode.parse(options.encoder_mode)  # a bad mode fails before any work
     ckpt = LlamaOmniCheckpoint.open(checkpoint, speech_encoder, vocoder)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,6 +108,10 @@ def _build(ckpt: LlamaOmniCheckpoint, tmp: Path, options: ExportOptions) -> None
     for file, module, example, dyn_in, dyn_out in onnx_stages:
         step(file)
         side_files[file] = export_onnx(module, example, tmp / file, dyn_in, dyn_out)
+        if file == "encoder.onnx":
+            # +fill encoder modes splice in the encoding of pure padding; one exact-mode run, done here.
+            np.save(tmp / PADDING_CACHE_FILE, padding_cache(ref.encoder, ref.n_mels, 2 * ckpt.whisper_dims["n_audio_ctx"]))
+            side_files[file].append(PADDING_CACHE_FILE)
         steps.update()
 
     step("llm.gguf")
@@ -156,14 +165,8 @@ def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, opti
             "ctc_decoder_config": c.get("ctc_decoder_config"),
         },
         "audio": {"input_sample_rate": 16000, "output_sample_rate": int(ckpt.vocoder_config.get("sampling_rate", 16000))},
-        "encoder": {
-            "n_mels": ref.n_mels,
-            "mode": "exact",
-            "modes": {"exact": "pad or trim to 30 s, as the model was trained (1500 encoder frames)",
-                      "unpadded": "encode the real length only (fewer speech positions; outputs drift from exact)"},
-            "max_mel_frames": 2 * ckpt.whisper_dims["n_audio_ctx"],
-            "frames_per_position": 2 * c.get("speech_encoder_ds_rate", 5),
-        },
+        "encoder": encoder_manifest(ref.n_mels, 2 * ckpt.whisper_dims["n_audio_ctx"], 2 * c.get("speech_encoder_ds_rate", 5),
+                                    options.encoder_mode),
         "llm": {
             "n_embd": c["hidden_size"],
             "eos_ids": sorted(ref.eos_ids),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from omnilite.runtime.bundle import load_bundle
-from omnilite.runtime.encoder import SpeechEncoder
+from omnilite.runtime.encoder import ENCODER_MODES, SpeechEncoder
 from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
 from omnilite.runtime.mel import LogMel
 from omnilite.runtime.metrics import cosine_rows, relative_max_error, snr_db
@@ -20,7 +20,7 @@ from omnilite.runtime.units import StreamingUnitGenerator
 from omnilite.runtime.vocoder import UnitVocoder
 
 from .reference import ReferencePipeline, greedy_decode
-from .speech_encoder import log_mel_torch
+from .speech_encoder import log_mel_torch, padding_cache, reference_mode_embeddings
 
 PARITY_TOKENS = 32
 THRESHOLDS = {
@@ -58,6 +58,12 @@ def measure_parity(ref: ReferencePipeline, bundle_dir: Path, omega: int = 10) ->
         mel, emb_ref = ref.speech_embeddings(audio, pad_to_30s=pad)
         rel = relative_max_error(emb_ref.numpy(), encoder.embed(mel.numpy()))
         enc[mode] = rel
+    # Every other encoder mode: same windows and numpy mel on both sides, the PyTorch stage per window.
+    padding = padding_cache(ref.encoder, ref.n_mels, encoder.max_frames)
+    for mode in ENCODER_MODES:
+        if mode not in enc:
+            emb_ref = reference_mode_embeddings(ref.encoder, audio, mode, ref.n_mels, encoder.frames_per_position, padding)
+            enc[mode] = relative_max_error(emb_ref, encoder(audio, mode))
     report["encoder"] = {"rel_max_error": enc, "threshold": THRESHOLDS["encoder_rel_max"],
                          "ok": max(enc.values()) <= THRESHOLDS["encoder_rel_max"]}
 

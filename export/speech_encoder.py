@@ -6,6 +6,7 @@ and LLaMA-Omni's EncoderProjectorConcat (``linear1``/``linear2``) so official st
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,3 +108,60 @@ class EncoderWithAdapter(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.encoder(mel))
+
+
+# --- encoder modes on the export side -----------------------------------------------------------
+
+PADDING_CACHE_FILE = "encoder_padding.npy"
+
+
+@torch.no_grad()
+def padding_cache(module: nn.Module, n_mels: int, max_mel_frames: int) -> "np.ndarray":
+    """The stage's output for a 30 s window of pure padding: what `+fill` encoder modes splice in
+    after the encoded audio. Stored in the bundle so the runtime need not spend an exact-mode run on it."""
+    from omnilite.runtime.encoder import padding_mel
+
+    return module(torch.from_numpy(padding_mel(n_mels, max_mel_frames))[None])[0].float().numpy()
+
+
+@torch.no_grad()
+def reference_mode_embeddings(module: nn.Module, audio_16k: "np.ndarray", mode: str, n_mels: int,
+                              frames_per_position: int, padding: "np.ndarray | None" = None) -> "np.ndarray":
+    """What the runtime's SpeechEncoder returns in `mode`, computed with the PyTorch stage: the same
+    windows and numpy log-mel, each window through `module`, concatenated, filled for `+fill`."""
+    from omnilite.runtime.encoder import EncoderMode, fill_window, window_mel
+    from omnilite.runtime.mel import HOP
+
+    m = EncoderMode.parse(mode)
+    log_mel = np_mel.LogMel(n_mels)
+    outs = [module(torch.from_numpy(window_mel(log_mel, audio_16k, w, frames_per_position))[None])[0].float().numpy()
+            for w in m.windows(len(audio_16k), frames_per_position * HOP)]
+    out = np.concatenate(outs)
+    if m.fill:
+        out = fill_window(out, padding if padding is not None else padding_cache(module, n_mels, np_mel.N_FRAMES))
+    return out
+
+
+def encoder_manifest(n_mels: int, max_mel_frames: int, frames_per_position: int, mode: str,
+                     padding_file: str | None = PADDING_CACHE_FILE) -> dict:
+    """The manifest's "encoder" section, shared by the Whisper-encoder families."""
+    from omnilite.runtime.encoder import ENCODER_MODES, PADDING_FILL_LEVEL, EncoderMode
+
+    default = EncoderMode.parse(mode)
+    names = list(dict.fromkeys([default.name, *ENCODER_MODES]))
+    section = {
+        "n_mels": n_mels,
+        "mode": default.name,  # the runtime's default; `--encoder-mode exact` (or any listed mode) overrides it
+        "modes": {n: EncoderMode.parse(n).describe() for n in names},
+        "speech_positions": {
+            "exact": max_mel_frames // frames_per_position,
+            "+fill modes": max_mel_frames // frames_per_position,
+            "other modes": "fewer: one per 100 ms of encoded window (see modes); the LLM prefill is shorter",
+        },
+        "max_mel_frames": max_mel_frames,
+        "frames_per_position": frames_per_position,
+    }
+    if padding_file:
+        section["padding_cache"] = {"file": padding_file, "level": PADDING_FILL_LEVEL,
+                                    "what": "encoder + adapter output for a 30 s window of padding, used by +fill modes"}
+    return section

@@ -115,7 +115,8 @@ def cmd_export(args) -> int:
     from omnilite.export.llama_omni import ExportOptions, export_llama_omni
 
     options = ExportOptions(llm_dtype=args.llm_dtype, omega=args.omega, parity=not args.no_parity,
-                            strict_parity=not args.no_strict, overwrite=args.force)
+                            strict_parity=not args.no_strict, overwrite=args.force,
+                            **({"encoder_mode": args.encoder_mode} if args.encoder_mode else {}))
     if args.preset != "fp32" or _quant_overrides(args):
         return _export_quantized(args, options)
     out = export_llama_omni(args.checkpoint, args.out, options, args.speech_encoder, args.vocoder)
@@ -333,6 +334,26 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _encoder_mode(text: str) -> str:
+    """argparse type for --encoder-mode: the canonical mode name, or one sentence on what is wrong."""
+    from omnilite.runtime.encoder import EncoderMode
+    from omnilite.runtime.errors import OmniliteError
+
+    try:
+        return EncoderMode.parse(text).name
+    except OmniliteError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_bench_encoder(args) -> int:
+    from omnilite.benchmarks.encoder_drift import config_from_args, result_stem, run_drift, summary_text
+
+    report = run_drift(config_from_args(args))
+    print(summary_text(report))
+    print(f"wrote {Path(args.out_dir) / result_stem(args.model)}.json and .md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnilite", description="Speech-in, speech-out models on edge hardware.")
     p.add_argument("--version", action="version", version=f"omnilite {__version__}")
@@ -376,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speaker-wav", help="LLaMA-Omni2: the voice prompt (official: llama_omni2/inference/prompt_en.wav)")
     s.add_argument("--llm-dtype", choices=("f32", "f16"), default="f32")
     s.add_argument("--omega", type=int, default=10, help="text tokens per speech-generator chunk")
+    s.add_argument("--encoder-mode", type=_encoder_mode, default=None, metavar="MODE",
+                   help="the bundle's default encoder mode (default: the fast mode chosen by the encoder drift benchmark; "
+                        "'exact' pads to 30 s as trained)")
     s.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
     s.add_argument("--no-strict", action="store_true", help="keep the bundle even if a stage misses its parity threshold")
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -394,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quantize)
 
     def add_run_options(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--encoder-mode", choices=("exact", "unpadded"), default="exact")
+        s.add_argument("--encoder-mode", type=_encoder_mode, default=None, metavar="MODE",
+                       help="exact (pad to 30 s as trained), or a fast mode: unpadded, pad-Ns, tail-Ns, blocked-Ns, "
+                            "optionally +fill (default: the bundle's)")
         s.add_argument("--omega", type=int, default=None, help="text tokens per speech chunk (default: the bundle's)")
         s.add_argument("--max-new-tokens", type=int, default=256)
         s.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -436,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-ctx", type=int, default=8192, help="LLM context for the whole conversation")
     add_run_options(s)
     s.set_defaults(func=cmd_chat)
+
+    from omnilite.benchmarks.encoder_drift import build_arg_parser as add_drift_options
+
+    s = sub.add_parser("bench-encoder", help="encoder modes against exact on real Whisper weights: speed, drift, transcripts")
+    add_drift_options(s)
+    s.set_defaults(func=cmd_bench_encoder)
 
     s = sub.add_parser("info", help="show a bundle's stages, parity report and quantization accuracy")
     s.add_argument("bundle")

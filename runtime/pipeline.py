@@ -59,7 +59,9 @@ _JOIN_TIMEOUT_S = 60.0  # a stage finishes its current chunk well within this; m
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    encoder_mode: str = "exact"  # "exact" (30 s padding, as trained) or "unpadded"
+    # None: the bundle's default mode (manifest "encoder"."mode"); "exact" pads to 30 s as trained;
+    # fast modes (e.g. "tail-2s+fill", "unpadded") are listed in runtime/encoder.py.
+    encoder_mode: str | None = None
     omega: int | None = None  # text tokens per speech chunk; None: the bundle's (10)
     max_new_tokens: int = 256
     ignore_eos: bool = False  # benchmarks force a fixed reply length with random weights

@@ -22,7 +22,8 @@ def test_manifest_stages_hashes_and_parity(omni2_bundle):
                            "flow_noise", "hift_f0", "hift"}
     for s in stages.values():
         assert s["sha256"] == sha256_file(omni2_bundle / s["file"])
-    assert stages["flow_estimator"]["inputs"].keys() == {"x", "mask", "mu", "t", "spks", "cond"}
+    # The official estimator inputs, plus the attention chunk (an inference setting, not a weight).
+    assert stages["flow_estimator"]["inputs"].keys() == {"x", "mask", "mu", "t", "spks", "cond", "chunk_frames"}
     p = m["parity"]
     for stage in ("mel", "encoder", "llm", "tts_lm", "flow", "hift"):
         assert p[stage]["ok"], (stage, p[stage])
@@ -103,3 +104,27 @@ def test_hift_stream_with_full_context_equals_offline(omni2_bundle, omni2_reply)
     streamed = np.concatenate([st.push(mel[:, a:a + 7]) for a in range(0, mel.shape[1], 7)] + [st.flush()])
     assert len(streamed) == len(offline)
     assert snr_db(offline, streamed) >= 80.0
+
+
+def test_smaller_flow_chunk_streams_exactly_for_earlier_audio(omni2_bundle, omni2_reference, omni2_reply):
+    """The chunk is an inference setting (LLaMA-Omni2: 50 tokens, CosyVoice2's streaming: 25): at 25
+    the exported flow still matches PyTorch, and streaming in 25-token hops equals whole-utterance
+    synthesis at that chunk, with the first audio after 28 tokens instead of 53."""
+    b = load_bundle(omni2_bundle)
+    flow, voc = FlowDecoder(b), HiFTVocoder(b)
+    units = omni2_reply.units
+    with torch.no_grad():
+        ref = omni2_reference.flow.inference(torch.tensor([units]), torch.from_numpy(omni2_reference.xvector)[None],
+                                             chunk_tokens=25)[0].numpy()
+    whole_mel = flow.offline(units, chunk_tokens=25)
+    assert relative_max_error(ref, whole_mel) <= 1e-3
+    fs, hs = flow.stream(FlowStreamConfig(chunk_tokens=25)), voc.stream()
+    first = None
+    parts = []
+    for a in range(0, len(units), 5):
+        parts.append(hs.push(fs.push(units[a:a + 5])))
+        if first is None and fs.steps:
+            first = a + 5
+    parts += [hs.push(fs.flush()), hs.flush()]
+    assert first == 30  # 25 + 3 lookahead tokens, arriving 5 at a time
+    assert snr_db(voc.offline(whole_mel), np.concatenate(parts)) >= 60.0

@@ -37,7 +37,7 @@ from omnilite.runtime.errors import OmniliteError
 from ..llama_omni import _replace_dir
 from ..onnx_export import export_onnx, io_shapes
 from .checkpoint import Omni2Checkpoint
-from .flow import FlowEncoderStage
+from .flow import EstimatorStage, FlowEncoderStage
 from .gguf_qwen2 import write_qwen2_gguf
 from .hift import F0_RECEPTIVE_FIELD, HiFTF0, receptive_field_frames
 from .reference import DEFAULT_MAX_TTS_TOKENS, Omni2ReferencePipeline
@@ -118,10 +118,12 @@ def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2
         ("encoder.onnx", ref.encoder, (torch.zeros(1, ref.n_mels, 3000),), {"mel": {2: "mel_frames"}}, {"speech_embeds": {1: "speech_positions"}}),
         ("tts_fusion.onnx", _FusionStage(gen), (torch.zeros(3, h_llm), torch.zeros(3, h_tts)),
          {"hidden": {0: "n"}, "text_embeds": {0: "n"}}, {"fused": {0: "n"}}),
-        ("flow_encoder.onnx", FlowEncoderStage(flow), (torch.zeros(1, t, dtype=torch.long),), {"tokens": {1: "tokens"}}, {"mu": {2: "frames"}}),
-        ("flow_estimator.onnx", flow.decoder.estimator,
-         (torch.zeros(2, 80, 2 * t), torch.ones(2, 1, 2 * t), torch.zeros(2, 80, 2 * t), torch.zeros(2), torch.zeros(2, 80), torch.zeros(2, 80, 2 * t)),
-         {"x": {2: "frames"}, "mask": {2: "frames"}, "mu": {2: "frames"}, "t": {}, "spks": {}, "cond": {2: "frames"}},
+        ("flow_encoder.onnx", FlowEncoderStage(flow), (torch.zeros(1, t, dtype=torch.long), torch.tensor(7)),
+         {"tokens": {1: "tokens"}, "chunk_tokens": {}}, {"mu": {2: "frames"}}),
+        ("flow_estimator.onnx", EstimatorStage(flow),
+         (torch.zeros(2, 80, 2 * t), torch.ones(2, 1, 2 * t), torch.zeros(2, 80, 2 * t), torch.zeros(2), torch.zeros(2, 80),
+          torch.zeros(2, 80, 2 * t), torch.tensor(14)),
+         {"x": {2: "frames"}, "mask": {2: "frames"}, "mu": {2: "frames"}, "t": {}, "spks": {}, "cond": {2: "frames"}, "chunk_frames": {}},
          {"estimator_out": {2: "frames"}}),
         ("hift_f0.onnx", HiFTF0(hift), (torch.zeros(1, 80, t),), {"mel": {2: "frames"}}, {"f0": {1: "frames"}}),
         ("hift.onnx", hift, (torch.zeros(1, 80, t), torch.zeros(1, t * hift.c.hop)), {"mel": {2: "frames"}, "source": {1: "samples"}},

@@ -69,8 +69,9 @@ def fixed_noise(frames: int = NOISE_FRAMES, mel: int = 80) -> torch.Tensor:
     return torch.randn(1, mel, frames, generator=g)
 
 
-def chunk_mask(size: int, chunk: int, device=None) -> torch.Tensor:
-    """(size, size) bool: position i sees every position before the end of its chunk."""
+def chunk_mask(size: int, chunk: int | torch.Tensor, device=None) -> torch.Tensor:
+    """(size, size) bool: position i sees every position before the end of its chunk. `chunk` may be
+    a tensor (an input of the exported graphs: the chunk size is an inference setting, not a weight)."""
     idx = torch.arange(size, device=device)
     ends = (torch.div(idx, chunk, rounding_mode="floor") + 1) * chunk
     return idx[None, :] < ends[:, None]
@@ -207,15 +208,16 @@ class UpsampleConformerEncoder(nn.Module):
         self.up_encoders = nn.ModuleList(ConformerLayer(d, c.attention_heads, c.linear_units) for _ in range(c.num_up_blocks))
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chunk: int | torch.Tensor | None = None) -> torch.Tensor:
+        chunk = self.chunk if chunk is None else chunk
         x, pos = self.embed(x)
-        mask = chunk_mask(x.shape[1], self.chunk, x.device)[None]
+        mask = chunk_mask(x.shape[1], chunk, x.device)[None]
         x = self.pre_lookahead_layer(x)
         for layer in self.encoders:
             x = layer(x, mask, pos)
         x = self.up_layer(x)
         x, pos = self.up_embed(x)
-        mask = chunk_mask(x.shape[1], self.chunk * self.up_layer.stride, x.device)[None]
+        mask = chunk_mask(x.shape[1], chunk * self.up_layer.stride, x.device)[None]
         for layer in self.up_encoders:
             x = layer(x, mask, pos)
         return self.after_norm(x)
@@ -361,10 +363,11 @@ class ConditionalDecoder(nn.Module):
             x = block(x, bias)
         return x.transpose(1, 2)
 
-    def forward(self, x, mask, mu, t, spks, cond):
+    def forward(self, x, mask, mu, t, spks, cond, chunk: int | torch.Tensor | None = None):
+        chunk = self.chunk if chunk is None else chunk
         temb = self.time_mlp(sinusoidal_time(t, self.in_channels))
         x = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)
-        keep = chunk_mask(x.shape[-1], self.chunk, x.device)[None] & (mask > 0)  # (B, T, T) with key padding
+        keep = chunk_mask(x.shape[-1], chunk, x.device)[None] & (mask > 0)  # (B, T, T) with key padding
         bias = (1.0 - keep.to(x.dtype)) * torch.finfo(x.dtype).min
         resnet, blocks, down = self.down_blocks[0]
         x = resnet(x, mask, temb)
@@ -393,7 +396,7 @@ class CausalCFM(nn.Module):
         t = torch.linspace(0, 1, self.c.n_timesteps + 1)
         return 1 - torch.cos(t * 0.5 * torch.pi) if self.c.t_scheduler == "cosine" else t
 
-    def solve(self, z: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def solve(self, z: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
         """Euler steps with classifier-free guidance, batch of 2 (conditioned, unconditioned)."""
         span = self.t_span()
         mask = torch.ones(2, 1, z.shape[-1])
@@ -402,7 +405,7 @@ class CausalCFM(nn.Module):
         for step in range(1, len(span)):
             t, dt = span[step - 1], span[step] - span[step - 1]
             v = self.estimator(torch.cat([x, x]), mask, torch.cat([mu, zeros_mu]), t.repeat(2),
-                               torch.cat([spks, zeros_spk]), torch.cat([cond, zeros_cond]))
+                               torch.cat([spks, zeros_spk]), torch.cat([cond, zeros_cond]), chunk_frames)
             r = self.c.inference_cfg_rate
             x = x + dt * ((1.0 + r) * v[:1] - r * v[1:])
         return x
@@ -423,31 +426,44 @@ class CausalMaskedDiffWithXvec(nn.Module):
         """(1, 192) x-vector -> (1, 80) speaker conditioning (L2-normalised first, as official)."""
         return self.spk_embed_affine_layer(F.normalize(xvector, dim=1))
 
-    def mu(self, tokens: torch.Tensor) -> torch.Tensor:
+    def mu(self, tokens: torch.Tensor, chunk_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
         """(1, T) token ids -> (1, 80, 2T) encoder output projected to mel space."""
-        h = self.encoder(self.input_embedding(tokens.clamp(min=0)))
+        h = self.encoder(self.input_embedding(tokens.clamp(min=0)), chunk_tokens)
         return self.encoder_proj(h).transpose(1, 2)
 
     @torch.no_grad()
-    def inference(self, tokens: torch.Tensor, xvector: torch.Tensor, finalize: bool = True) -> torch.Tensor:
+    def inference(self, tokens: torch.Tensor, xvector: torch.Tensor, finalize: bool = True, chunk_tokens: int | None = None) -> torch.Tensor:
         """Whole-utterance (or official streaming-call) mel (1, 80, frames); no prompt speech, as
         LLaMA-Omni2 runs it. Without ``finalize`` the frames of the trailing lookahead tokens are
         dropped, as in the official streaming calls."""
-        mu = self.mu(tokens)
+        mu = self.mu(tokens, chunk_tokens)
         if not finalize:
             mu = mu[:, :, : -self.c.pre_lookahead_len * self.c.token_mel_ratio]
         t = mu.shape[-1]
         if t > self.noise.shape[-1]:
             raise ValueError(f"{t} mel frames exceed the flow's fixed noise of {self.noise.shape[-1]} frames (300 s)")
-        return self.decoder.solve(self.noise[:, :, :t], mu, self.speaker(xvector), torch.zeros_like(mu))
+        frames = None if chunk_tokens is None else chunk_tokens * self.c.token_mel_ratio
+        return self.decoder.solve(self.noise[:, :, :t], mu, self.speaker(xvector), torch.zeros_like(mu), frames)
 
 
 class FlowEncoderStage(nn.Module):
-    """Exported encoder stage: token ids (1, T) -> mu (1, 80, 2T)."""
+    """Exported encoder stage: token ids (1, T), attention chunk in tokens () -> mu (1, 80, 2T)."""
 
     def __init__(self, flow: CausalMaskedDiffWithXvec):
         super().__init__()
         self.flow = flow
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.flow.mu(tokens)
+    def forward(self, tokens: torch.Tensor, chunk_tokens: torch.Tensor) -> torch.Tensor:
+        return self.flow.mu(tokens, chunk_tokens)
+
+
+class EstimatorStage(nn.Module):
+    """Exported estimator: the official inputs (x, mask, mu, t, spks, cond) plus the attention chunk
+    in mel frames (the official code sets it as an attribute at load time: 2 s = 100 frames)."""
+
+    def __init__(self, flow: CausalMaskedDiffWithXvec):
+        super().__init__()
+        self.estimator = flow.decoder.estimator
+
+    def forward(self, x, mask, mu, t, spks, cond, chunk_frames: torch.Tensor) -> torch.Tensor:
+        return self.estimator(x, mask, mu, t, spks, cond, chunk_frames)

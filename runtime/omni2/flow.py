@@ -29,7 +29,11 @@ from ..onnx_session import SessionOptions, open_session
 
 @dataclass(frozen=True)
 class FlowStreamConfig:
-    hop_tokens: int | None = None  # tokens per step; None: the model's attention chunk (exact)
+    # The attention chunk in tokens, an inference setting of the same weights: None = the bundle's
+    # (50, as LLaMA-Omni2 runs the flow; CosyVoice2's own streaming uses 25). Streaming equals
+    # whole-utterance synthesis at the same chunk; a smaller chunk gives earlier audio.
+    chunk_tokens: int | None = None
+    hop_tokens: int | None = None  # tokens per step; None: the chunk (exact)
     first_hop_tokens: int | None = None  # a shorter first step for earlier first audio; None: hop_tokens
     left_chunks: int | None = None  # earlier chunks the estimator sees; None: all (exact)
 
@@ -53,11 +57,12 @@ class FlowDecoder:
     def chunk_frames(self) -> int:
         return self.chunk_tokens * self.ratio
 
-    def mu(self, tokens: list[int]) -> np.ndarray:
+    def mu(self, tokens: list[int], chunk_tokens: int | None = None) -> np.ndarray:
         """(T,) tokens -> (80, ratio*T)."""
-        return self.encoder.run(None, {"tokens": np.asarray(tokens, np.int64)[None]})[0][0]
+        chunk = np.asarray(chunk_tokens or self.chunk_tokens, np.int64)
+        return self.encoder.run(None, {"tokens": np.asarray(tokens, np.int64)[None], "chunk_tokens": chunk})[0][0]
 
-    def solve(self, mu: np.ndarray, start: int) -> np.ndarray:
+    def solve(self, mu: np.ndarray, start: int, chunk_tokens: int | None = None) -> np.ndarray:
         """Euler ODE over mel frames [start, start + n) given their mu (80, n)."""
         n = mu.shape[1]
         if start + n > self.noise.shape[1]:
@@ -69,18 +74,20 @@ class FlowDecoder:
         cond = np.zeros((2, self.mel_bins, n), np.float32)
         mask = np.ones((2, 1, n), np.float32)
         r = self.cfg_rate
+        chunk = np.asarray((chunk_tokens or self.chunk_tokens) * self.ratio, np.int64)
         for step in range(1, len(self.t_span)):
             t, dt = self.t_span[step - 1], self.t_span[step] - self.t_span[step - 1]
             v = self.estimator.run(None, {"x": np.concatenate([x, x]), "mask": mask, "mu": mu_in,
-                                          "t": np.full(2, t, np.float32), "spks": spks, "cond": cond})[0]
+                                          "t": np.full(2, t, np.float32), "spks": spks, "cond": cond,
+                                          "chunk_frames": chunk})[0]
             x = x + dt * ((1 + r) * v[:1] - r * v[1:])
         return x[0]
 
-    def offline(self, tokens: list[int]) -> np.ndarray:
+    def offline(self, tokens: list[int], chunk_tokens: int | None = None) -> np.ndarray:
         """Whole utterance: (80, ratio * len(tokens))."""
         if not tokens:
             return np.zeros((self.mel_bins, 0), np.float32)
-        return self.solve(self.mu(tokens), 0)
+        return self.solve(self.mu(tokens, chunk_tokens), 0, chunk_tokens)
 
     def stream(self, config: FlowStreamConfig = FlowStreamConfig()) -> "FlowStream":
         return FlowStream(self, config)
@@ -91,14 +98,17 @@ class FlowStream:
 
     def __init__(self, flow: FlowDecoder, config: FlowStreamConfig):
         self.flow = flow
-        self.hop = int(config.hop_tokens or flow.chunk_tokens)
+        self.chunk = int(config.chunk_tokens or flow.chunk_tokens)
+        if self.chunk < 1:
+            raise OmniliteError(f"the flow's attention chunk must be at least 1 token, got {self.chunk}.")
+        self.hop = int(config.hop_tokens or self.chunk)
         self.first_hop = int(config.first_hop_tokens or self.hop)
         if self.hop < 1 or self.first_hop < 1:
             raise OmniliteError(f"flow hop must be at least 1 token, got {self.hop} (first {self.first_hop}).")
         if config.left_chunks is not None and config.left_chunks < 0:
             raise OmniliteError(f"left_chunks must be >= 0 (or None for all), got {config.left_chunks}.")
         self.left_chunks = config.left_chunks
-        self.exact = config.left_chunks is None and self.hop % flow.chunk_tokens == 0 and self.first_hop % flow.chunk_tokens == 0
+        self.exact = config.left_chunks is None and self.hop % self.chunk == 0 and self.first_hop % self.chunk == 0
         self.tokens: list[int] = []
         self._done = 0  # tokens whose frames were emitted
         self.steps = 0
@@ -124,12 +134,13 @@ class FlowStream:
     def _step(self, end: int, final: bool) -> np.ndarray:
         f = self.flow
         toks = self.tokens[:end] if final else self.tokens[:end + f.lookahead]
-        mu = f.mu(toks)[:, : end * f.ratio]  # drop the lookahead tokens' frames
+        mu = f.mu(toks, self.chunk)[:, : end * f.ratio]  # drop the lookahead tokens' frames
         first = self._done * f.ratio
         start = 0
+        frames = self.chunk * f.ratio
         if self.left_chunks is not None:
-            start = max(0, (first // f.chunk_frames - self.left_chunks) * f.chunk_frames)
-        mel = f.solve(mu[:, start:], start)
+            start = max(0, (first // frames - self.left_chunks) * frames)
+        mel = f.solve(mu[:, start:], start, self.chunk)
         self.max_window_frames = max(self.max_window_frames, mu.shape[1] - start)
         self._done = end
         self.steps += 1

@@ -68,3 +68,35 @@ def test_omni2_runtime_imports_no_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_second_turn_and_cancel_use_the_shared_conversation_machinery(omni2_bundle, question_16k):
+    """The same Conversation / cancel API as LLaMA-Omni: a follow-up turn evaluates only its own
+    positions (Qwen's turn separator from the manifest), and cancel() stops the TTS, flow and HiFT
+    stages and frees the pipeline; the TTS LM starts each reply afresh."""
+    import time
+
+    from omnilite.runtime.pipeline import Conversation
+
+    config = Omni2PipelineConfig(max_new_tokens=9, ignore_eos=True, max_tts_tokens=20, queue_size=2)
+    with Pipeline.load(omni2_bundle, config) as pipe:
+        conv = Conversation()
+        d1 = list(pipe.respond(question_16k, 16000, conversation=conv))[-1]
+        d2 = list(pipe.respond(question_16k, 16000, conversation=conv))[-1]
+        assert pipe.turn_prefix_ids == pipe.llm.tokenize("<|im_end|>\n<|im_start|>user\n", special=True)
+        assert conv.turns == 2 and d2.turn == 2
+        assert d2.stats["prompt_tokens"] == 1 + len(pipe.turn_prefix_ids) + 300 + len(pipe.suffix_ids)
+        assert len(d2.units) > 0 and len(d2.audio) > 0
+
+        reply = pipe.start_reply(question_16k, 16000)
+        events = iter(reply)
+        for e in events:
+            if isinstance(e, TextDelta):
+                break
+        t = time.perf_counter()
+        reply.cancel()
+        after = list(events)
+        assert not any(isinstance(e, Done) for e in after)
+        assert time.perf_counter() - t < 5.0
+        done = list(pipe.respond(question_16k, 16000))[-1]
+        assert isinstance(done, Done) and len(done.tokens) == 9

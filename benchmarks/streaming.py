@@ -67,6 +67,9 @@ def run(bundle: str | Path, bench: StreamingBench = StreamingBench(), question: 
         "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
                  "loadavg_1m_before": os.getloadavg()[0]},
         "versions": _versions(),
+        # llama.cpp's CPU backend in the PyPI wheel runs on OpenMP: whether its idle workers spin
+        # (the default) or sleep changes how it shares cores with onnxruntime, so it is recorded.
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")},
         "config": {"runs": bench.runs, "warmup": bench.warmup, "max_new_tokens": bench.max_new_tokens,
                    "threads": bench.threads or "default"},
         "omega": {},
@@ -108,7 +111,8 @@ def markdown(results: dict) -> str:
         f"(forced), {c['runs']} runs per mode after {c['warmup']} warm-up, modes alternating. Host: "
         f"{results['host']['system']} {results['host']['machine']}, {results['host']['cpus']} CPUs (1-min load "
         f"{results['host']['loadavg_1m_before']:.1f} before, {results['host']['loadavg_1m_after']:.1f} after); "
-        + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "; "
+        + (", ".join(f"{k}={v}" for k, v in results.get("env", {}).items() if v) or "no OMP_* variables set") + ".",
         "t0 = the respond() call (complete question audio). Ratio = sequential p50 / overlapped p50.",
         "",
         "| omega | TTFA seq p50 / p95 (ms) | TTFA ovl p50 / p95 (ms) | TTFA ratio | total seq / ovl p50 (ms) | total ratio | identical |",
@@ -120,6 +124,8 @@ def markdown(results: dict) -> str:
             f"| {omega} | {s['ttfa']['p50_ms']:.1f} / {s['ttfa']['p95_ms']:.1f} | {o['ttfa']['p50_ms']:.1f} / "
             f"{o['ttfa']['p95_ms']:.1f} | {e['ttfa_ratio_p50']:.2f} | {s['total']['p50_ms']:.1f} / "
             f"{o['total']['p50_ms']:.1f} | {e['total_ratio_p50']:.2f} | {'yes' if e['identical_output'] else 'NO'} |")
+    if results.get("note"):
+        lines += ["", results["note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -141,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--name", default="streaming-tiny")
+    p.add_argument("--note", default="", help="a sentence on the conditions, kept in the JSON and the markdown")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     t = time.perf_counter()
     results = run(args.bundle, StreamingBench(args.runs, args.warmup, tuple(args.omega), args.max_new_tokens, args.threads))
+    if args.note:
+        results["note"] = args.note
     js, md = write(results, Path(args.out_dir), args.name)
     print(markdown(results))
     for omega, e in results["omega"].items():

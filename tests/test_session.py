@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnilite.runtime import DeviceError, Done, Pipeline, PipelineConfig, TextDelta
+from omnilite.runtime import DeviceError, Done, Pipeline, PipelineConfig
 from omnilite.runtime.audio import AudioError, prepare_speech, read_wav, resample
 from omnilite.runtime.audio_io import FileAudio, FileLoopConfig
 from omnilite.runtime.events import Interrupted, TurnEnded, TurnStarted

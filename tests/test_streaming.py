@@ -12,7 +12,7 @@ from omnilite.runtime.audio import StreamResampler, prepare_speech, read_wav, re
 from omnilite.runtime.bundle import load_bundle
 from omnilite.runtime.encoder import SpeechEncoder
 from omnilite.runtime.llm import LlamaCppLLM
-from omnilite.runtime.metrics import cosine_rows, snr_db
+from omnilite.runtime.metrics import snr_db
 from omnilite.runtime.pipeline import Conversation
 from omnilite.runtime.vocoder import UnitVocoder, VocoderStreamConfig
 
@@ -117,7 +117,8 @@ def test_second_turn_reuses_the_cache_and_equals_a_full_recompute(bundle, questi
     assert conv.turns == 2 and d2.turn == 2
     assert d1.stats["prompt_tokens"] == d1.stats["context"]
     # Turn 2 evaluates only its own positions: the last reply token, the user header, speech, instruction.
-    assert d2.stats["prompt_tokens"] == 1 + len(turn_prefix) + 300 + len(b["llm"]["prompt"]["suffix_ids"])
+    positions = len(SpeechEncoder(b)(second_question))  # the bundle's default encoder mode, as the pipeline
+    assert d2.stats["prompt_tokens"] == 1 + len(turn_prefix) + positions + len(b["llm"]["prompt"]["suffix_ids"])
     assert d2.stats["prompt_tokens"] < d2.stats["context"]
     assert d2.stats["context"] == d1.stats["context"] + len(d1.tokens) + d2.stats["prompt_tokens"] - 1
 

@@ -7,6 +7,7 @@ commands import torch lazily, so `omnilite run` stays torch-free.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +40,14 @@ def _print_timings(timings: dict[str, float], calls: dict[str, int] | None = Non
         print(f"{'RTF':<18}{timings['rtf']:>10.3f}")
 
 
+def _bundle_family(bundle: Path) -> str | None:
+    """The family named in a bundle's manifest (None when unreadable: loading will say why)."""
+    try:
+        return json.loads((Path(bundle) / "omnilite.json").read_text()).get("family")
+    except (OSError, ValueError):
+        return None
+
+
 def _respond_to_file(bundle: Path, wav_in: Path, wav_out: Path, text_out: Path | None, args) -> dict:
     from omnilite.runtime import Done, PipelineConfig, TextDelta, Timing, Pipeline
     from omnilite.runtime.audio import atomic_write_bytes, read_wav, write_wav
@@ -48,6 +57,11 @@ def _respond_to_file(bundle: Path, wav_in: Path, wav_out: Path, text_out: Path |
         encoder_mode=args.encoder_mode, omega=args.omega, max_new_tokens=args.max_new_tokens,
         ignore_eos=args.ignore_eos, threads=args.threads,
     )
+    if _bundle_family(bundle) == "llama-omni2":
+        from omnilite.runtime.omni2.flow import FlowStreamConfig
+        from omnilite.runtime.omni2.pipeline import as_omni2_config
+
+        config = dataclasses.replace(as_omni2_config(config), write=args.write, flow=FlowStreamConfig(chunk_tokens=args.flow_chunk))
     calls: dict[str, int] = {}
     with Pipeline.load(bundle, config) as pipe:
         print("reply: ", end="", flush=True)
@@ -421,7 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--encoder-mode", type=_encoder_mode, default=None, metavar="MODE",
                        help="exact (pad to 30 s as trained), or a fast mode: unpadded, pad-Ns, tail-Ns, blocked-Ns, "
                             "optionally +fill (default: the bundle's)")
-        s.add_argument("--omega", type=int, default=None, help="text tokens per speech chunk (default: the bundle's)")
+        s.add_argument("--omega", type=int, default=None,
+                       help="text tokens per speech chunk (LLaMA-Omni2: the read size R) (default: the bundle's)")
+        s.add_argument("--write", type=int, default=None, help="LLaMA-Omni2: speech tokens written per read (W; default: the bundle's)")
+        s.add_argument("--flow-chunk", type=int, default=None,
+                       help="LLaMA-Omni2: the flow's attention chunk in tokens (default 50; 25 gives earlier audio)")
         s.add_argument("--max-new-tokens", type=int, default=256)
         s.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
         s.add_argument("--threads", type=int, default=None)

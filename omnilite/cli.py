@@ -359,6 +359,21 @@ def _encoder_mode(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def cmd_bench(args) -> int:
+    from omnilite.benchmarks.bench import BenchConfig, run_bench
+
+    report = run_bench(BenchConfig(
+        bundle=Path(args.bundle), input=Path(args.input) if args.input else DEMO_QUESTION, out_dir=Path(args.out_dir),
+        runs=args.runs, warmup=args.warmup, max_new_tokens=args.max_new_tokens, profile=args.profile,
+        baseline=args.baseline, encoder_mode=args.encoder_mode,
+    ))
+    from omnilite.benchmarks.bench import markdown
+
+    print(markdown(report), end="")
+    print(f"wrote {args.out_dir}/bench.json, bench.md and waterfall.png")
+    return 0
+
+
 def cmd_bench_encoder(args) -> int:
     from omnilite.benchmarks.encoder_drift import config_from_args, result_stem, run_drift, summary_text
 
@@ -482,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_chat)
 
     from omnilite.benchmarks.encoder_drift import build_arg_parser as add_drift_options
+
+    s = sub.add_parser("bench", help="per-stage and end-to-end latency of a bundle on this host (JSON, markdown, waterfall)")
+    s.add_argument("bundle")
+    s.add_argument("--profile", help="device profile name or .json (default: the detected one)")
+    s.add_argument("--runs", type=int, default=5)
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--input", help="question WAV (default: the bundled question)")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="forced reply length (EOS is ignored)")
+    s.add_argument("--encoder-mode", default="exact", help="encoder mode to measure (default exact)")
+    s.add_argument("--baseline", choices=("torch",), help="also run the PyTorch reference in the same run")
+    s.add_argument("--out-dir", default="bench-out")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("bench-encoder", help="encoder modes against exact on real Whisper weights: speed, drift, transcripts")
     add_drift_options(s)

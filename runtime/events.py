@@ -45,6 +45,8 @@ class Done:
     # KV cache after its prompt), underruns (Session: blocks the speaker had to fill with silence).
     stats: dict[str, int] = field(default_factory=dict)
     turn: int = 0
+    # Every stage call of this turn as (stage, start, end) in seconds since t0 (for waterfalls).
+    spans: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -492,4 +492,5 @@ class Reply:
         text = pipe.llm.detokenize([t for t in state.tokens if t not in pipe.eos_ids])
         yield Done(text=text, tokens=list(state.tokens), units=list(state.units), audio=reply,
                    sample_rate=pipe.sample_rate, timings=timings, stats=dict(state.stats),
-                   turn=self.conversation.turns)
+                   turn=self.conversation.turns,
+                   spans=[(name, a - self.t0, b - self.t0) for name, a, b in clock.spans])

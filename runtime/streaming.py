@@ -123,6 +123,7 @@ class StageClock:
         self.busy: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.wait: dict[str, float] = defaultdict(float)
+        self.spans: list[tuple[str, float, float]] = []  # (stage, start, end) in perf_counter seconds
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -130,10 +131,11 @@ class StageClock:
         try:
             yield
         finally:
-            dt = time.perf_counter() - t
+            end = time.perf_counter()
             with self._lock:
-                self.busy[name] += dt
+                self.busy[name] += end - t
                 self.calls[name] += 1
+                self.spans.append((name, t, end))
 
     def waited(self, name: str, seconds: float) -> None:
         with self._lock:

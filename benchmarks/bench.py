@@ -1,0 +1,262 @@
+"""`omnilite bench`: per-stage and user-visible latency of a bundle on this host, per device profile.
+
+Warm-up, then N turns on one question with a forced reply length (random-weight models would
+otherwise stop at arbitrary points). Stage times come from the sequential mode, where stages run
+one after another so their busy times add up to the wall time; TTFT/TTFA are reported for both the
+sequential and the overlapped (default) mode, measured alternately in the same run. `--baseline
+torch` runs the PyTorch reference pipeline on the same checkpoint and thread count in the same run
+and reports omnilite / baseline ratios. Writes bench.json, bench.md and a waterfall PNG of one turn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from omnilite import __version__
+from omnilite.devices.host import detect_host
+from omnilite.devices.profiles import get_profile, resolve_providers, select_profile
+from omnilite.runtime.audio import atomic_write_bytes, prepare_speech, read_wav
+from omnilite.runtime.bundle import load_bundle
+from omnilite.runtime.errors import OmniliteError
+from omnilite.runtime.events import Done
+from omnilite.runtime.pipeline import STAGES, Pipeline, PipelineConfig
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "omnilite.bench/1"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    bundle: Path
+    input: Path
+    out_dir: Path
+    runs: int = 5
+    warmup: int = 1
+    max_new_tokens: int = 64
+    profile: str | None = None
+    baseline: str | None = None  # "torch"
+    encoder_mode: str = "exact"
+    progress: bool = True
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64) * 1000.0
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(values)}
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if platform.system() == "Darwin" else rss * 1024)
+
+
+def _versions() -> dict[str, str]:
+    import llama_cpp
+    import onnxruntime
+
+    return {"omnilite": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "onnxruntime": onnxruntime.__version__, "llama_cpp_python": llama_cpp.__version__}
+
+
+def _turn(pipe: Pipeline, audio: np.ndarray, rate: int) -> Done:
+    done = None
+    for event in pipe.respond(audio, rate):
+        if isinstance(event, Done):
+            done = event
+    assert done is not None
+    return done
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    from tqdm import tqdm
+
+    host = detect_host()
+    profile, reason = (get_profile(cfg.profile), "chosen with --profile") if cfg.profile else select_profile(host)
+    providers, provider_warnings = resolve_providers(profile, host.ort_providers)
+    threads = profile.threads_for("llm", host)
+    bundle = load_bundle(cfg.bundle)
+    raw, rate = read_wav(cfg.input)
+    speech_seconds = len(prepare_speech(raw, rate, 16000)) / 16000
+
+    def config(mode: str) -> PipelineConfig:
+        return PipelineConfig(encoder_mode=cfg.encoder_mode, omega=profile.omega, max_new_tokens=cfg.max_new_tokens,
+                              ignore_eos=True, threads=threads, providers=tuple(providers),
+                              n_gpu_layers=profile.n_gpu_layers, mode=mode, verify_bundle=False)
+
+    t = time.perf_counter()
+    seq = Pipeline.load(cfg.bundle, config("sequential"))
+    load_seconds = time.perf_counter() - t
+    ovl = Pipeline.load(cfg.bundle, config("overlapped"))
+    results: dict[str, list[Done]] = {"sequential": [], "overlapped": []}
+    total_steps = (cfg.warmup + cfg.runs) * 2
+    with seq, ovl, tqdm(total=total_steps, desc="bench", unit="turn", disable=not cfg.progress) as bar:
+        for i in range(cfg.warmup + cfg.runs):
+            for mode, pipe in (("sequential", seq), ("overlapped", ovl)):  # alternate: same machine load
+                done = _turn(pipe, raw, rate)
+                if i >= cfg.warmup:
+                    results[mode].append(done)
+                bar.update()
+    report = _report(cfg, host, profile, reason, providers, provider_warnings, threads, bundle, results,
+                     load_seconds, speech_seconds)
+    if cfg.baseline == "torch":
+        report["baseline"] = _torch_baseline(cfg, bundle, threads, report)
+    elif cfg.baseline:
+        raise OmniliteError(f"baseline {cfg.baseline!r} is unknown; use --baseline torch.")
+    write_outputs(report, results["sequential"][-1], cfg.out_dir)
+    return report
+
+
+def _report(cfg, host, profile, reason, providers, warnings, threads, bundle, results, load_seconds, speech_seconds) -> dict:
+    seq = results["sequential"]
+    stages = {s: _pct([d.timings.get(s, 0.0) for d in seq]) for s in STAGES if any(s in d.timings for d in seq)}
+    wall = [d.timings["total"] for d in seq]
+    stage_sum = [sum(d.timings.get(s, 0.0) for s in STAGES) for d in seq]
+    audio_seconds = [len(d.audio) / d.sample_rate for d in seq]
+    latency = {
+        mode: {k: _pct([d.timings[k] for d in done]) for k in ("ttft", "ttfa", "total") if all(k in d.timings for d in done)}
+        for mode, done in results.items()
+    }
+    for mode, done in results.items():
+        latency[mode]["rtf"] = float(np.median([d.timings.get("rtf", float("nan")) for d in done]))
+    files = [bundle.path / s.file for s in bundle.stages.values()] + [
+        bundle.path / f for s in bundle.stages.values() for f in s.extra_files]
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "host": host.to_dict(),
+        "profile": {"name": profile.name, "reason": reason, "providers": providers, "provider_warnings": warnings,
+                    "threads": threads, "n_gpu_layers": profile.n_gpu_layers, "omega": profile.omega},
+        "bundle": {"path": str(bundle.path), "family": bundle.family,
+                   "precisions": {s.name: s.precision for s in bundle.stages.values()},
+                   "size_bytes": sum(f.stat().st_size for f in files), "load_seconds": load_seconds},
+        "input": {"file": str(cfg.input), "speech_seconds": speech_seconds, "encoder_mode": cfg.encoder_mode},
+        "runs": cfg.runs, "warmup": cfg.warmup, "forced_tokens": cfg.max_new_tokens,
+        "stages": stages,
+        "latency": latency,
+        "reply_audio_seconds": float(np.median(audio_seconds)),
+        "wall_seconds_sequential": _pct(wall),
+        "stage_sum_over_wall": float(np.median(np.asarray(stage_sum) / np.asarray(wall))),
+        "overlap_ttfa_ratio": latency["overlapped"]["ttfa"]["p50_ms"] / latency["sequential"]["ttfa"]["p50_ms"],
+        "peak_rss_bytes": _peak_rss_bytes(),
+    }
+
+
+def _torch_baseline(cfg: BenchConfig, bundle, threads: int, report: dict) -> dict:
+    """The PyTorch reference on the bundle's source checkpoint: it answers offline (the whole reply,
+    then units, then audio), so its first audio sample is ready when everything is."""
+    try:
+        import torch
+
+        from omnilite.export.checkpoint import LlamaOmniCheckpoint
+        from omnilite.export.reference import ReferencePipeline, greedy_decode
+    except ImportError:
+        raise OmniliteError("--baseline torch needs the export extra; run `pip install -e '.[export]'`.") from None
+    src = bundle["source"]
+    try:
+        ckpt = LlamaOmniCheckpoint.open(src["model_dir"], src["speech_encoder"], src["vocoder"])
+    except OmniliteError as e:
+        raise OmniliteError(f"the torch baseline needs the bundle's source checkpoint: {e}") from None
+    torch.set_num_threads(threads)
+    ref = ReferencePipeline(ckpt)
+    raw, rate = read_wav(cfg.input)
+    audio = prepare_speech(raw, rate, 16000)
+    rows = []
+    with torch.no_grad():
+        for i in range(cfg.warmup + cfg.runs):
+            t0 = time.perf_counter()
+            _, emb = ref.speech_embeddings(audio, pad_to_30s=cfg.encoder_mode == "exact")
+            t1 = time.perf_counter()
+            tokens, hidden = greedy_decode(ref.llm, ref.prompt.prefix_ids, emb, ref.prompt.suffix_ids,
+                                           cfg.max_new_tokens, ref.eos_ids, ignore_eos=True)
+            t2 = time.perf_counter()
+            units = ref.generator.predict(hidden)
+            t3 = time.perf_counter()
+            wav = ref.vocoder(torch.tensor([units]))[0].numpy() if units else np.zeros(0)
+            t4 = time.perf_counter()
+            if i >= cfg.warmup:
+                rows.append({"encoder": t1 - t0, "llm": t2 - t1, "speech_generator": t3 - t2, "vocoder": t4 - t3,
+                             "ttfa": t4 - t0, "rtf": (t4 - t2) / max(len(wav) / 16000, 1e-9)})
+    out = {k: _pct([r[k] for r in rows]) for k in ("encoder", "llm", "speech_generator", "vocoder", "ttfa")}
+    out["rtf"] = float(np.median([r["rtf"] for r in rows]))
+    ours = report["latency"]["overlapped"]
+    out["ratio_ttfa"] = ours["ttfa"]["p50_ms"] / out["ttfa"]["p50_ms"]
+    out["ratio_rtf"] = ours["rtf"] / out["rtf"]
+    out["threads"] = threads
+    return out
+
+
+def write_outputs(report: dict, one_turn: Done, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "bench.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / "bench.md", markdown(report).encode())
+    waterfall_png(one_turn, out_dir / "waterfall.png", report)
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"# omnilite bench: {Path(r['bundle']['path']).name} ({r['bundle']['family']})",
+        "",
+        f"host: {r['host']['cpu_model']}, {r['host']['physical_cores']} cores; profile **{r['profile']['name']}** "
+        f"({r['profile']['reason']}); threads {r['profile']['threads']}; omnilite {r['versions']['omnilite']}, "
+        f"onnxruntime {r['versions']['onnxruntime']}, llama-cpp-python {r['versions']['llama_cpp_python']}",
+        f"input {r['input']['speech_seconds']:.2f} s, encoder mode {r['input']['encoder_mode']}, "
+        f"{r['forced_tokens']} forced tokens, {r['runs']} runs after {r['warmup']} warm-up; "
+        f"bundle {r['bundle']['size_bytes'] / 2**20:.1f} MiB ({', '.join(f'{k} {v}' for k, v in r['bundle']['precisions'].items())}), "
+        f"cold load {r['bundle']['load_seconds']:.2f} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+        "",
+        "| stage (sequential) | p50 ms | p95 ms |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {k} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} |" for k, v in r["stages"].items()]
+    lines += ["", "| mode | TTFT p50 | TTFT p95 | TTFA p50 | TTFA p95 | RTF |", "|---|---:|---:|---:|---:|---:|"]
+    for mode, lat in r["latency"].items():
+        lines.append(f"| {mode} | {lat['ttft']['p50_ms']:.1f} | {lat['ttft']['p95_ms']:.1f} | "
+                     f"{lat['ttfa']['p50_ms']:.1f} | {lat['ttfa']['p95_ms']:.1f} | {lat['rtf']:.3f} |")
+    lines += ["", f"overlapped / sequential TTFA: {r['overlap_ttfa_ratio']:.2f}; "
+                  f"stage sum / wall (sequential): {r['stage_sum_over_wall']:.3f}"]
+    if "baseline" in r:
+        b = r["baseline"]
+        lines += ["", f"PyTorch reference (same checkpoint, {b['threads']} threads): TTFA p50 {b['ttfa']['p50_ms']:.1f} ms, "
+                      f"RTF {b['rtf']:.3f}; omnilite / torch: TTFA {b['ratio_ttfa']:.3f}, RTF {b['ratio_rtf']:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def waterfall_png(done: Done, path: Path, report: dict) -> None:
+    """Stage bars on a time axis from t0 (one sequential turn)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OmniliteError("the waterfall plot needs matplotlib; run `pip install -e '.[bench]'`.") from None
+    spans = done.spans
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(STAGES) + 1.5))
+    names = [s for s in STAGES if any(n == s for n, _, _ in spans)]
+    for row, name in enumerate(names):
+        bars = [(a * 1000, (b - a) * 1000) for n, a, b in spans if n == name]
+        ax.broken_barh(bars, (row - 0.35, 0.7))
+    for key, style in (("ttft", "--"), ("ttfa", "-")):
+        if key in done.timings:
+            ax.axvline(done.timings[key] * 1000, linestyle=style, color="k", linewidth=1)
+            ax.text(done.timings[key] * 1000, len(names) - 0.4, key.upper(), fontsize=8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since t0 (end of the question)")
+    ax.set_title(f"{report['bundle']['family']} on {report['profile']['name']}: one turn")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+

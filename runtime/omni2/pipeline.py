@@ -154,6 +154,9 @@ class Omni2Pipeline(Pipeline):
         kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
         self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads,
                                                              n_gpu_layers=config.n_gpu_layers, kv_cache=kv))
+        # Stop where the reference (generation_config.json) stops: llama.cpp also counts Qwen's FIM and
+        # repo tokens (and a stray id) as end-of-generation, which would end a reply the model continues.
+        self.llm.eos_ids = self.eos_ids
         self.turn_prefix_ids = list(prompt.get("turn_prefix_ids") or self.llm.tokenize(_QWEN_TURN_PREFIX, special=True))
         stream = bundle["streaming"]
         self.read = int(config.read or stream["read"])

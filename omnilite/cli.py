@@ -395,14 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
         from omnilite.quant.presets import GGUF_PRECISIONS, ONNX_PRECISIONS, PRESETS
 
         s.add_argument("--preset", choices=tuple(PRESETS), default="balanced",
-                       help="fp32 (as exported), balanced (INT8 + Q8_0), small (INT4 + Q4_K_M + INT8 vocoder), gpu-fp16")
+                       help="fp32 (as exported), balanced (INT8 + Q8_0), small (INT4 + Q4_K_M), gpu-fp16")
         s.add_argument(f"--encoder{suffix}", dest="q_encoder", choices=ONNX_PRECISIONS, help="override the preset for the speech encoder")
         s.add_argument(f"--llm{suffix}", dest="q_llm", choices=GGUF_PRECISIONS, help="override the preset for the LLM (llama.cpp type)")
         s.add_argument(f"--decoder{suffix}", dest="q_decoder", choices=ONNX_PRECISIONS, help="override the preset for the speech decoder")
         s.add_argument(f"--vocoder{suffix}", dest="q_vocoder", choices=("fp32", "fp16", "int8"), help="override the preset for the vocoder")
         s.add_argument("--strict", action="store_true", help="fail (exit 2, nothing written) if a stage exceeds its tolerance")
         s.add_argument("--tolerance", action="append", metavar="ROLE.METRIC=VALUE",
-                       help="override a tolerance, e.g. encoder.cosine_min=0.995 (repeatable)")
+                       help="override a tolerance, e.g. encoder.cosine_mean=0.995 (repeatable)")
         s.add_argument("--report-tokens", type=int, default=32, help="LLM tokens in the accuracy report")
         s.add_argument("--no-report", action="store_true", help="skip the accuracy report (not recommended)")
         s.add_argument("--threads", type=int, default=None)

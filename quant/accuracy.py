@@ -128,7 +128,7 @@ def _judge(role: str, precision: str, metrics: dict, overrides: dict[str, float]
             "tolerance": tol.as_dict(), "ok": not failed, "failed_metrics": failed}
 
 
-def _greedy_with_logits(llm: LlamaCppLLM, first, n: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+def greedy_with_logits(llm: LlamaCppLLM, first, n: int) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Greedy reply of n tokens (eos ignored, so the length is fixed) with the logits and hidden
     state of the position that predicted each token."""
     logits, hidden = first
@@ -143,7 +143,7 @@ def _greedy_with_logits(llm: LlamaCppLLM, first, n: int) -> tuple[list[int], np.
     return tokens, np.stack(all_logits), np.stack(all_hidden)
 
 
-def _teacher_forced(llm: LlamaCppLLM, first, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def teacher_forced(llm: LlamaCppLLM, first, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     logits, hidden = first
     all_logits, all_hidden = [logits], [hidden]
     for token in tokens[:-1]:
@@ -230,7 +230,7 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
     eos = frozenset(reference["llm"]["eos_ids"])
     n_ctx = max(512, len(prompt["prefix_ids"]) + len(emb_ref) + len(prompt["suffix_ids"]) + n + 16)
     with _open_llm(reference, n_ctx, options.threads) as llm:
-        tok_ref, logits_ref, hidden_ref = _greedy_with_logits(llm, _prefill(llm, prompt, emb_ref), n)
+        tok_ref, logits_ref, hidden_ref = greedy_with_logits(llm, _prefill(llm, prompt, emb_ref), n)
         text_ref = llm.detokenize(_until_eos(tok_ref, eos))
     same_llm = _same_file(quantized, reference, st)
     same_enc = stages["encoder"]["identical_file"]
@@ -239,13 +239,13 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
     if not (same_llm and same_enc):
         with _open_llm(quantized, n_ctx, options.threads) as llm:
             if not same_llm:
-                logits_q, hidden_q = _teacher_forced(llm, _prefill(llm, prompt, emb_ref), tok_ref)
-                tok_greedy, _, hidden_greedy = _greedy_with_logits(llm, _prefill(llm, prompt, emb_ref), n)
+                logits_q, hidden_q = teacher_forced(llm, _prefill(llm, prompt, emb_ref), tok_ref)
+                tok_greedy, _, hidden_greedy = greedy_with_logits(llm, _prefill(llm, prompt, emb_ref), n)
                 text_q = llm.detokenize(_until_eos(tok_greedy, eos))
             if same_enc:  # the quantized chain sees the reference embeddings: its reply is the greedy one
                 tok_e2e, hidden_e2e = tok_greedy, hidden_greedy
             else:
-                tok_e2e, _, hidden_e2e = _greedy_with_logits(llm, _prefill(llm, prompt, emb_q), n)
+                tok_e2e, _, hidden_e2e = greedy_with_logits(llm, _prefill(llm, prompt, emb_q), n)
             text_e2e = llm.detokenize(_until_eos(tok_e2e, eos))
     kl = kl_divergence(logits_ref, logits_q)
     g_ref, g_q = _until_eos(tok_ref, eos), _until_eos(tok_greedy, eos)

@@ -27,7 +27,7 @@ from omnilite import __version__
 from omnilite.runtime.bundle import MANIFEST, Bundle, load_bundle, sha256_file
 from omnilite.runtime.errors import BundleError, OmniliteError
 
-from .accuracy import AccuracyOptions, format_report, measure_accuracy
+from .accuracy import AccuracyOptions, measure_accuracy
 from .presets import FAMILY_ROLES, FIXED_STAGES, ROLES, UNQUANTIZED, bits, plan_for
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,6 @@ def quantize_bundle(source: str | Path, out: str | Path, options: QuantizeOption
                 message = f"quantized stage(s) {', '.join(report['failed'])} exceed their tolerance ({misses})"
                 if options.strict:
                     raise QuantizationFailed(message + "; no bundle was written (drop --strict to keep it).", report)
-                for line in format_report(report):
-                    log.warning("%s", line)
                 log.warning("%s; the bundle was written anyway (use --strict to refuse it).", message)
         _replace_dir(tmp, out)
     except BaseException:

@@ -12,8 +12,10 @@
   have fp16 kernels (CUDA, TensorRT, CoreML); on CPU it mainly halves the file.
 
 Numerically sensitive pieces stay float: the Whisper front convolutions are not matmuls (never
-quantized); the vocoder's first and last convolutions (``conv_pre``, and ``conv_post`` which makes
-the waveform) stay float in every mode.
+quantized) and the encoder's first transformer block stays float (real Whisper weights need it, see
+`_FLOAT_PATTERNS`); the vocoder's first and last convolutions (``conv_pre``, and ``conv_post`` which
+makes the waveform) stay float in every mode. In int4 mode the projections at a stage's edges
+(the adapter, the decoder's input/output projections) get int8 instead of 4 bits.
 """
 
 from __future__ import annotations
@@ -63,15 +65,35 @@ def role_config(role: str, precision: str, model_path: Path) -> OnnxQuantConfig:
         return OnnxQuantConfig(precision, op_types=("Conv",), keep_float=keep,
                                notes=("first and last convolution kept float",
                                       "ConvTranspose (upsampling) kept float: no dynamic int8 kernel"))
+    keep = float_matmuls(role, model_path)
+    notes = (f"first transformer block kept float ({len(keep)} matmuls)",) if keep else ()
     if precision == "int4":
         # The projections at a stage's edges (the encoder's adapter into the LLM, the decoder's
         # input projection from the LLM and its output projection into the unit argmax) get int8:
         # on the tiny model this raised the encoder's cosine from 0.980 to 0.991 and the decoder's
         # frame agreement from 0.61 to 0.77, for about 3% of the weights at the real shape.
-        edges = edge_matmuls(role, model_path)
-        return OnnxQuantConfig(precision, int8_nodes=edges,
-                               notes=(f"edge projections int8 ({len(edges)} matmuls), the rest 4-bit",))
-    return OnnxQuantConfig(precision)
+        edges = tuple(e for e in edge_matmuls(role, model_path) if e not in keep)
+        return OnnxQuantConfig(precision, keep_float=keep, int8_nodes=edges,
+                               notes=notes + (f"edge projections int8 ({len(edges)} matmuls), the rest 4-bit",))
+    return OnnxQuantConfig(precision, keep_float=keep, notes=notes)
+
+
+# Real Whisper weights (Whisper-base, benchmarks/results/quant_real_weights.md): with the first
+# encoder block quantized, a few positions of the 30 s padding collapse (row cosine 0.03-0.23 under
+# int4 / int8); kept float, the worst row is 0.85 (int8) at 1/32 of Whisper-large's weights.
+_FLOAT_PATTERNS = {"encoder": ("/blocks.0/",)}
+
+
+def _weighted_matmuls(model_path: Path) -> list[str]:
+    model = onnx.load(str(model_path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights]
+
+
+def float_matmuls(role: str, model_path: Path) -> tuple[str, ...]:
+    """MatMuls a role keeps in float at every precision."""
+    patterns = _FLOAT_PATTERNS.get(role, ())
+    return tuple(n for n in _weighted_matmuls(model_path) if any(p in n for p in patterns))
 
 
 _EDGE_PATTERNS = {"encoder": ("/adapter/",), "decoder": ("/input_proj/", "/output_proj/")}
@@ -80,9 +102,7 @@ _EDGE_PATTERNS = {"encoder": ("/adapter/",), "decoder": ("/input_proj/", "/outpu
 def edge_matmuls(role: str, model_path: Path) -> tuple[str, ...]:
     """Names of a stage's edge MatMuls (with constant weights): by the module names the exporter
     gives them, else the first and the last."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    weights = {i.name for i in model.graph.initializer}
-    mms = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights]
+    mms = _weighted_matmuls(model_path)
     named = tuple(n for n in mms if any(p in n for p in _EDGE_PATTERNS.get(role, ())))
     return named or tuple(dict.fromkeys(mms[:1] + mms[-1:]))
 

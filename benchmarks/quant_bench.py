@@ -363,9 +363,10 @@ def markdown(result: dict) -> str:
              "same run, with the variants called in alternating rounds on a machine shared with other work. "
              "speedup = fp32 p50 / variant p50 (wall); cpu = the same on process CPU time. Load time and peak RSS: a "
              "fresh process per file, page cache warm.", ""]
-    lines += ["| stage | input | preset | precision | size MiB | size ratio | load s | p50 ms | p95 ms | speedup | speedup (cpu) | peak RSS MiB | RSS ratio |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for stage, st in result["onnx"].items():
+    if result.get("onnx"):
+        lines += ["| stage | input | preset | precision | size MiB | size ratio | load s | p50 ms | p95 ms | speedup | speedup (cpu) | peak RSS MiB | RSS ratio |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage, st in result.get("onnx", {}).items():
         inp = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in st["input"].items() if k != "past_value")
         for preset, r in st["rows"].items():
             lines.append(f"| {stage} | {inp} | {preset} | {r['precision']} | {r['bytes'] / 2**20:.1f} | {r['size_ratio']:.3f} | "

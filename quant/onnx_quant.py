@@ -80,7 +80,8 @@ def role_config(role: str, precision: str, model_path: Path) -> OnnxQuantConfig:
 
 # Real Whisper weights (Whisper-base, benchmarks/results/quant_real_weights.md): with the first
 # encoder block quantized, a few positions of the 30 s padding collapse (row cosine 0.03-0.23 under
-# int4 / int8); kept float, the worst row is 0.85 (int8) at 1/32 of Whisper-large's weights.
+# int4 / int8); kept float, the mean row cosine over 38 utterances is 0.994 (int8) / 0.996 (int4) and
+# the worst row 0.50 / 0.56, for 1/32 of Whisper-large's weights.
 _FLOAT_PATTERNS = {"encoder": ("/blocks.0/",)}
 
 

@@ -37,7 +37,7 @@ from omnilite import __version__
 from omnilite.runtime.encoder import (DEFAULT_FAST_MODE, ENCODER_MODES, PADDING_FILL_LEVEL, EncoderMode, fill_window, padding_mel,
                                      speech_frames, window_mel)
 from omnilite.runtime.errors import OmniliteError
-from omnilite.runtime.mel import LogMel, N_SAMPLES, SAMPLE_RATE
+from omnilite.runtime.mel import LogMel, SAMPLE_RATE
 
 from .speech_set import DATA_DIR, Utterance, load_speech_set
 
@@ -301,7 +301,7 @@ def run_drift(cfg: DriftConfig = DriftConfig()) -> dict:
         audio = u.audio(cfg.data_dir)
         row = {"id": u.id, "kind": u.kind, "seconds": round(len(audio) / SAMPLE_RATE, 3), "lead_s": u.lead_s,
                "trail_s": u.trail_s, "script": u.text, "modes": {}}
-        exact_out = None
+        exact_out, exact_tokens = None, 0
         for m in modes:
             out, secs, last, speech = _encode(encoder, log_mel, audio, m, padding)
             # A transcript of more than twice exact's tokens (+20) has failed whatever follows;

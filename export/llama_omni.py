@@ -24,6 +24,7 @@ from omnilite.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from omnilite.runtime.encoder import DEFAULT_FAST_MODE, EncoderMode
 from omnilite.runtime.errors import OmniliteError
 
+from .bundle_dir import record_parity, replace_dir
 from .checkpoint import LlamaOmniCheckpoint
 from .ctc_generator import CachedCTCStep
 from .gguf_llm import write_llama_gguf
@@ -64,20 +65,11 @@ def export_llama_omni(checkpoint: str | Path, out: str | Path, options: ExportOp
     tmp.mkdir(parents=True)
     try:
         _build(ckpt, tmp, options)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(ckpt: LlamaOmniCheckpoint, tmp: Path, options: ExportOptions) -> None:
@@ -123,16 +115,7 @@ def _build(ckpt: LlamaOmniCheckpoint, tmp: Path, options: ExportOptions) -> None
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if options.parity:
         step("parity")
-        manifest["parity"] = report = measure_parity(ref, tmp, omega=options.omega)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        failed = [k for k, v in report.items() if isinstance(v, dict) and not v.get("ok", True)]
-        if failed and options.strict_parity:
-            raise OmniliteError(
-                f"exported stage(s) {', '.join(failed)} differ from the PyTorch reference beyond tolerance "
-                f"({json.dumps({k: report[k] for k in failed})}); no bundle was written (pass --no-strict to keep it)."
-            )
-        for k in failed:
-            log.warning("parity: stage %s misses its threshold: %s", k, report[k])
+        record_parity(manifest, tmp, measure_parity(ref, tmp, omega=options.omega), options.strict_parity)
     steps.update()
     steps.close()
 

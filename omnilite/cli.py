@@ -266,7 +266,7 @@ def cmd_devices(args) -> int:
     print(f"profile: {profile.name} ({profile.description})")
     print(f"  because: {reason}")
     print(f"  providers: {', '.join(providers)}; llama.cpp GPU layers {profile.n_gpu_layers}; precision {profile.precision}")
-    print(f"  threads: " + ", ".join(f"{s} {profile.threads_for(s, host)}" for s in profile.threads))
+    print("  threads: " + ", ".join(f"{s} {profile.threads_for(s, host)}" for s in profile.threads))
     print(f"  chunks: omega {profile.omega}, R/W {profile.read}/{profile.write}; memory budget {profile.memory_budget_mb} MB")
     return 0
 

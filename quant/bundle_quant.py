@@ -27,8 +27,10 @@ from omnilite import __version__
 from omnilite.runtime.bundle import MANIFEST, Bundle, load_bundle, sha256_file
 from omnilite.runtime.errors import BundleError, OmniliteError
 
+from omnilite.export.bundle_dir import replace_dir
+
 from .accuracy import AccuracyOptions, measure_accuracy
-from .presets import FAMILY_ROLES, FIXED_STAGES, ROLES, UNQUANTIZED, bits, plan_for
+from .presets import FAMILY_ROLES, FIXED_STAGES, UNQUANTIZED, bits, plan_for
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +151,6 @@ def _check_requantization(source: Bundle, targets: dict[str, str], options: Quan
     return True
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def quantize_bundle(source: str | Path, out: str | Path, options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
     out = Path(out)
     src = load_bundle(source)
@@ -188,7 +181,7 @@ def quantize_bundle(source: str | Path, out: str | Path, options: QuantizeOption
                 if options.strict:
                     raise QuantizationFailed(message + "; no bundle was written (drop --strict to keep it).", report)
                 log.warning("%s; the bundle was written anyway (use --strict to refuse it).", message)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -38,7 +38,7 @@ import numpy as np
 
 from .audio import StreamResampler, to_mono
 from .errors import AudioError, OmniliteError
-from .events import AudioChunk, Done, Event, Interrupted, TextDelta, Timing, TurnEnded, TurnStarted
+from .events import AudioChunk, Done, Event, Interrupted, Timing, TurnEnded, TurnStarted
 from .pipeline import Conversation, Pipeline, Reply
 from .vad import VAD_RATE, WINDOW, make_vad
 

@@ -34,7 +34,7 @@ from omnilite import __version__
 from omnilite.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from omnilite.runtime.errors import OmniliteError
 
-from ..llama_omni import _replace_dir
+from ..bundle_dir import record_parity, replace_dir
 from ..onnx_export import export_onnx, io_shapes
 from .checkpoint import Omni2Checkpoint
 from .flow import EstimatorStage, FlowEncoderStage
@@ -84,7 +84,7 @@ def export_llama_omni2(checkpoint: str | Path, out: str | Path, options: Omni2Ex
     tmp.mkdir(parents=True)
     try:
         _build(ckpt, speaker, tmp, options)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -157,16 +157,7 @@ def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2
         step("parity")
         from .parity import measure_parity
 
-        manifest["parity"] = report = measure_parity(ref, tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        failed = [k for k, v in report.items() if isinstance(v, dict) and not v.get("ok", True)]
-        if failed and options.strict_parity:
-            raise OmniliteError(
-                f"exported stage(s) {', '.join(failed)} differ from the PyTorch reference beyond tolerance "
-                f"({json.dumps({k: report[k] for k in failed})}); no bundle was written (pass --no-strict to keep it)."
-            )
-        for k in failed:
-            log.warning("parity: stage %s misses its threshold: %s", k, report[k])
+        record_parity(manifest, tmp, measure_parity(ref, tmp), options.strict_parity)
     steps.update()
     steps.close()
 

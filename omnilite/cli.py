@@ -131,7 +131,7 @@ def cmd_export(args) -> int:
     options = ExportOptions(llm_dtype=args.llm_dtype, omega=args.omega, parity=not args.no_parity,
                             strict_parity=not args.no_strict, overwrite=args.force,
                             **({"encoder_mode": args.encoder_mode} if args.encoder_mode else {}))
-    if args.preset != "fp32" or _quant_overrides(args):
+    if args.preset != "fp32" or any(_quant_overrides(args).values()):
         return _export_quantized(args, options)
     out = export_llama_omni(args.checkpoint, args.out, options, args.speech_encoder, args.vocoder)
     _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))

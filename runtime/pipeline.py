@@ -106,6 +106,27 @@ class Pipeline:
     def __init__(self, bundle: Bundle, config: PipelineConfig = PipelineConfig()):
         if bundle.family not in SUPPORTED_FAMILIES:
             raise BundleError(f"{bundle.path} is a '{bundle.family}' bundle, which this omnilite cannot run; upgrade omnilite.")
+        ort_options, prompt = self._open_shared(bundle, config)
+        if "turn_prefix_ids" in prompt:
+            self.turn_prefix_ids = list(prompt["turn_prefix_ids"])
+        else:
+            # Bundles exported before multi-turn support: the GGUF carries the same Llama-3
+            # tokenizer, so its tokenization of the template's turn separator is the same ids.
+            self.turn_prefix_ids = self.llm.tokenize(_TURN_PREFIX_TEXT, special=True)
+            log.info("bundle has no turn_prefix_ids; tokenized the turn separator with the GGUF tokenizer: %s",
+                     self.turn_prefix_ids)
+        self.units = StreamingUnitGenerator(bundle, ort_options)
+        self.vocoder = UnitVocoder(bundle, ort_options)
+        self.omega = int(config.omega or bundle["streaming"]["omega"])
+        if self.omega < 1:
+            raise OmniliteError(f"omega must be at least 1 text token per chunk, got {self.omega}.")
+        self.sample_rate = self.vocoder.sample_rate
+        self._busy = threading.Lock()  # one reply at a time: the stages hold per-reply state
+        self._conversation: Conversation | None = None  # the one whose history is in the KV cache
+
+    def _open_shared(self, bundle: Bundle, config: PipelineConfig) -> tuple[SessionOptions, dict]:
+        """What every family opens the same way: config checks, the speech encoder, the prompt ids
+        and the LLM with a context sized for one turn. Returns the ORT options and the prompt section."""
         if config.mode not in MODES:
             raise OmniliteError(f"pipeline mode {config.mode!r} is unknown; use one of: {', '.join(MODES)}.")
         if config.queue_size < 1 or config.event_queue_size < 1:
@@ -130,22 +151,7 @@ class Pipeline:
         kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
         self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads,
                                                              n_gpu_layers=config.n_gpu_layers, kv_cache=kv))
-        if "turn_prefix_ids" in prompt:
-            self.turn_prefix_ids = list(prompt["turn_prefix_ids"])
-        else:
-            # Bundles exported before multi-turn support: the GGUF carries the same Llama-3
-            # tokenizer, so its tokenization of the template's turn separator is the same ids.
-            self.turn_prefix_ids = self.llm.tokenize(_TURN_PREFIX_TEXT, special=True)
-            log.info("bundle has no turn_prefix_ids; tokenized the turn separator with the GGUF tokenizer: %s",
-                     self.turn_prefix_ids)
-        self.units = StreamingUnitGenerator(bundle, ort_options)
-        self.vocoder = UnitVocoder(bundle, ort_options)
-        self.omega = int(config.omega or bundle["streaming"]["omega"])
-        if self.omega < 1:
-            raise OmniliteError(f"omega must be at least 1 text token per chunk, got {self.omega}.")
-        self.sample_rate = self.vocoder.sample_rate
-        self._busy = threading.Lock()  # one reply at a time: the stages hold per-reply state
-        self._conversation: Conversation | None = None  # the one whose history is in the KV cache
+        return ort_options, prompt
 
     @classmethod
     def load(cls, bundle: str | Path, config: PipelineConfig = PipelineConfig()) -> "Pipeline":

@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..bundle import Bundle
-from ..encoder import SpeechEncoder
 from ..errors import BundleError, OmniliteError
-from ..llm import LlamaCppLLM, LLMConfig
-from ..onnx_session import SessionOptions
+from ..llm import LLMConfig
 from ..pipeline import Pipeline, PipelineConfig
 from ..vocoder import VocoderStreamConfig
 from .flow import FlowDecoder, FlowStreamConfig
@@ -134,26 +132,7 @@ class Omni2Pipeline(Pipeline):
         if bundle.family != FAMILY:
             raise BundleError(f"{bundle.path} is a '{bundle.family}' bundle, not LLaMA-Omni2; load it with Pipeline.load.")
         config = as_omni2_config(config)
-        if config.mode not in ("overlapped", "sequential"):
-            raise OmniliteError(f"pipeline mode {config.mode!r} is unknown; use one of: overlapped, sequential.")
-        if config.queue_size < 1 or config.event_queue_size < 1:
-            raise OmniliteError("queue sizes must be at least 1 chunk; raise queue_size / event_queue_size.")
-        self.bundle, self.config = bundle, config
-        ort = SessionOptions(providers=config.providers, intra_op_threads=config.threads or 0)
-        self.encoder = SpeechEncoder(bundle, ort)
-        llm_cfg = bundle["llm"]
-        prompt = llm_cfg["prompt"]
-        self.prefix_ids, self.suffix_ids = list(prompt["prefix_ids"]), list(prompt["suffix_ids"])
-        self.eos_ids = frozenset(llm_cfg["eos_ids"])
-        self.max_speech_positions = bundle["encoder"]["max_mel_frames"] // bundle["encoder"]["frames_per_position"]
-        needed = len(self.prefix_ids) + len(self.suffix_ids) + self.max_speech_positions + config.max_new_tokens + 8
-        n_ctx = config.n_ctx or max(2048, needed)
-        if n_ctx < needed:
-            raise OmniliteError(f"n_ctx={n_ctx} cannot hold one turn ({needed} positions with "
-                                f"max_new_tokens={config.max_new_tokens}); raise n_ctx or lower max_new_tokens.")
-        kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
-        self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads,
-                                                             n_gpu_layers=config.n_gpu_layers, kv_cache=kv))
+        ort, prompt = self._open_shared(bundle, config)
         # Stop where the reference (generation_config.json) stops: llama.cpp also counts Qwen's FIM and
         # repo tokens (and a stray id) as end-of-generation, which would end a reply the model continues.
         self.llm.eos_ids = self.eos_ids

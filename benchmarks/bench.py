@@ -15,14 +15,14 @@ import logging
 import platform
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from omnilite import __version__
 from omnilite.devices.host import detect_host
-from omnilite.devices.profiles import get_profile, resolve_providers, select_profile
+from omnilite.devices.profiles import choose_profile, pipeline_settings, resolve_providers
 from omnilite.runtime.audio import atomic_write_bytes, prepare_speech, read_wav
 from omnilite.runtime.bundle import load_bundle
 from omnilite.runtime.errors import OmniliteError
@@ -80,17 +80,23 @@ def run_bench(cfg: BenchConfig) -> dict:
     from tqdm import tqdm
 
     host = detect_host()
-    profile, reason = (get_profile(cfg.profile), "chosen with --profile") if cfg.profile else select_profile(host)
+    profile, reason = choose_profile(cfg.profile, host)
     providers, provider_warnings = resolve_providers(profile, host.ort_providers)
     threads = profile.threads_for("llm", host)
     bundle = load_bundle(cfg.bundle)
     raw, rate = read_wav(cfg.input)
     speech_seconds = len(prepare_speech(raw, rate, 16000)) / 16000
+    settings = pipeline_settings(profile, host, bundle.family)
+    write = settings.pop("write", None)
 
     def config(mode: str) -> PipelineConfig:
-        return PipelineConfig(encoder_mode=cfg.encoder_mode, omega=profile.omega, max_new_tokens=cfg.max_new_tokens,
-                              ignore_eos=True, threads=threads, providers=tuple(providers),
-                              n_gpu_layers=profile.n_gpu_layers, mode=mode, verify_bundle=False)
+        c = PipelineConfig(encoder_mode=cfg.encoder_mode, max_new_tokens=cfg.max_new_tokens, ignore_eos=True,
+                           mode=mode, verify_bundle=False, **settings)
+        if bundle.family == "llama-omni2":
+            from omnilite.runtime.omni2.pipeline import as_omni2_config
+
+            c = replace(as_omni2_config(c), write=write)
+        return c
 
     t = time.perf_counter()
     seq = Pipeline.load(cfg.bundle, config("sequential"))

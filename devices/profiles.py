@@ -173,3 +173,23 @@ def resolve_providers(profile: Profile, available: tuple[str, ...]) -> tuple[lis
     for w in warnings:
         log.warning(w)
     return use, warnings
+
+
+def choose_profile(name_or_path: str | None, host: HostInfo) -> tuple[Profile, str]:
+    """`--profile` when given, else the detected one; with the reason."""
+    if name_or_path:
+        return get_profile(name_or_path), "chosen with --profile"
+    return select_profile(host)
+
+
+def pipeline_settings(profile: Profile, host: HostInfo, family: str) -> dict:
+    """The PipelineConfig fields a profile sets: installed providers in its order, llama.cpp offload,
+    threads per stage and the chunk size (omega; for LLaMA-Omni2 the read size R, with `write`)."""
+    providers, _ = resolve_providers(profile, host.ort_providers)
+    settings = {"providers": tuple(providers), "n_gpu_layers": profile.n_gpu_layers,
+                "stage_threads": {s: profile.threads_for(s, host) for s in STAGES}}
+    if family == "llama-omni2":
+        settings.update(omega=profile.read, write=profile.write)
+    else:
+        settings["omega"] = profile.omega
+    return settings

@@ -48,20 +48,39 @@ def _bundle_family(bundle: Path) -> str | None:
         return None
 
 
-def _respond_to_file(bundle: Path, wav_in: Path, wav_out: Path, text_out: Path | None, args) -> dict:
-    from omnilite.runtime import Done, PipelineConfig, TextDelta, Timing, Pipeline
-    from omnilite.runtime.audio import atomic_write_bytes, read_wav, write_wav
+def _pipeline_config(args, bundle: Path, **fields):
+    """The pipeline settings of the device profile (--profile, else the detected one), overridden by
+    whatever the command line sets explicitly."""
+    from omnilite.devices.host import detect_host
+    from omnilite.devices.profiles import choose_profile, pipeline_settings
+    from omnilite.runtime import PipelineConfig
 
-    audio, rate = read_wav(wav_in)
-    config = PipelineConfig(
-        encoder_mode=args.encoder_mode, omega=args.omega, max_new_tokens=args.max_new_tokens,
-        ignore_eos=args.ignore_eos, threads=args.threads,
-    )
-    if _bundle_family(bundle) == "llama-omni2":
+    family = _bundle_family(bundle)
+    host = detect_host()
+    profile, reason = choose_profile(args.profile, host)
+    settings = pipeline_settings(profile, host, family or "")
+    logging.getLogger(__name__).info("device profile %s (%s)", profile.name, reason)
+    if args.threads:  # one thread count for every stage
+        settings.pop("stage_threads")
+    write = settings.pop("write", None)
+    settings.update({k: v for k, v in (("omega", args.omega), ("threads", args.threads)) if v is not None})
+    config = PipelineConfig(encoder_mode=args.encoder_mode, max_new_tokens=args.max_new_tokens,
+                            ignore_eos=args.ignore_eos, **settings, **fields)
+    if family == "llama-omni2":
         from omnilite.runtime.omni2.flow import FlowStreamConfig
         from omnilite.runtime.omni2.pipeline import as_omni2_config
 
-        config = dataclasses.replace(as_omni2_config(config), write=args.write, flow=FlowStreamConfig(chunk_tokens=args.flow_chunk))
+        config = dataclasses.replace(as_omni2_config(config), write=args.write or write,
+                                     flow=FlowStreamConfig(chunk_tokens=args.flow_chunk))
+    return config
+
+
+def _respond_to_file(bundle: Path, wav_in: Path, wav_out: Path, text_out: Path | None, args) -> dict:
+    from omnilite.runtime import Done, TextDelta, Timing, Pipeline
+    from omnilite.runtime.audio import atomic_write_bytes, read_wav, write_wav
+
+    audio, rate = read_wav(wav_in)
+    config = _pipeline_config(args, bundle)
     calls: dict[str, int] = {}
     with Pipeline.load(bundle, config) as pipe:
         print("reply: ", end="", flush=True)
@@ -290,7 +309,7 @@ def _chat_line(done) -> str:
 
 
 def cmd_chat(args) -> int:
-    from omnilite.runtime import Pipeline, PipelineConfig
+    from omnilite.runtime import Pipeline
     from omnilite.runtime.audio import write_wav
     from omnilite.runtime.audio_io import DeviceAudio, FileAudio, FileLoopConfig, _sounddevice, list_devices
     from omnilite.runtime.errors import OmniliteError
@@ -306,8 +325,7 @@ def cmd_chat(args) -> int:
         raise OmniliteError("--input-file and --output-file go together (the simulated microphone and its speaker); pass both.")
     if not args.input_file:
         _sounddevice()  # no sound card support: say so before loading a multi-GB model
-    config = PipelineConfig(encoder_mode=args.encoder_mode, omega=args.omega, max_new_tokens=args.max_new_tokens,
-                            ignore_eos=args.ignore_eos, threads=args.threads, mode=args.mode, n_ctx=args.n_ctx)
+    config = _pipeline_config(args, Path(args.bundle), mode=args.mode, n_ctx=args.n_ctx)
     session_config = SessionConfig(vad=args.vad, min_silence_ms=args.min_silence_ms, barge_in=not args.no_barge_in)
     underruns = turns = 0
     with Pipeline.load(Path(args.bundle), config) as pipe, Session(pipe, session_config) as session:
@@ -457,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LLaMA-Omni2: the flow's attention chunk in tokens (default 50; 25 gives earlier audio)")
         s.add_argument("--max-new-tokens", type=int, default=256)
         s.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-        s.add_argument("--threads", type=int, default=None)
+        s.add_argument("--threads", type=int, default=None, help="threads for every stage (default: the device profile's)")
+        s.add_argument("--profile", help="device profile name or .json: providers, threads, chunk sizes (default: the detected one)")
 
     s = sub.add_parser("run", help="answer a spoken question from a WAV file")
     s.add_argument("bundle")

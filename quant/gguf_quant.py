@@ -15,9 +15,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import llama_cpp
-
 from omnilite.runtime.errors import OmniliteError
+from omnilite.runtime.llm import llama_cpp  # imported there after its OpenMP setting
 
 log = logging.getLogger(__name__)
 

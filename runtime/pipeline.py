@@ -25,7 +25,7 @@ import importlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +67,8 @@ class PipelineConfig:
     ignore_eos: bool = False  # benchmarks force a fixed reply length with random weights
     vocoder: VocoderStreamConfig = field(default_factory=VocoderStreamConfig)
     threads: int | None = None
+    # Per stage ("encoder", "llm", "speech_generator", "vocoder"), from a device profile; else `threads`.
+    stage_threads: dict[str, int] = field(default_factory=dict)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     n_gpu_layers: int = 0
     verify_bundle: bool = True
@@ -76,6 +78,9 @@ class PipelineConfig:
     queue_size: int = 4
     event_queue_size: int = 256  # events waiting for the caller (text, audio chunks)
     n_ctx: int | None = None  # LLM context positions; None: one turn (prompt + 30 s of speech + reply), >= 2048
+
+    def threads_for(self, stage: str) -> int | None:
+        return self.stage_threads.get(stage, self.threads)
 
 
 @dataclass
@@ -106,7 +111,7 @@ class Pipeline:
     def __init__(self, bundle: Bundle, config: PipelineConfig = PipelineConfig()):
         if bundle.family not in SUPPORTED_FAMILIES:
             raise BundleError(f"{bundle.path} is a '{bundle.family}' bundle, which this omnilite cannot run; upgrade omnilite.")
-        ort_options, prompt = self._open_shared(bundle, config)
+        ort_for, prompt = self._open_shared(bundle, config)
         if "turn_prefix_ids" in prompt:
             self.turn_prefix_ids = list(prompt["turn_prefix_ids"])
         else:
@@ -115,8 +120,8 @@ class Pipeline:
             self.turn_prefix_ids = self.llm.tokenize(_TURN_PREFIX_TEXT, special=True)
             log.info("bundle has no turn_prefix_ids; tokenized the turn separator with the GGUF tokenizer: %s",
                      self.turn_prefix_ids)
-        self.units = StreamingUnitGenerator(bundle, ort_options)
-        self.vocoder = UnitVocoder(bundle, ort_options)
+        self.units = StreamingUnitGenerator(bundle, ort_for("speech_generator"))
+        self.vocoder = UnitVocoder(bundle, ort_for("vocoder"))
         self.omega = int(config.omega or bundle["streaming"]["omega"])
         if self.omega < 1:
             raise OmniliteError(f"omega must be at least 1 text token per chunk, got {self.omega}.")
@@ -124,17 +129,20 @@ class Pipeline:
         self._busy = threading.Lock()  # one reply at a time: the stages hold per-reply state
         self._conversation: Conversation | None = None  # the one whose history is in the KV cache
 
-    def _open_shared(self, bundle: Bundle, config: PipelineConfig) -> tuple[SessionOptions, dict]:
+    def _open_shared(self, bundle: Bundle, config: PipelineConfig) -> tuple[Callable[[str], SessionOptions], dict]:
         """What every family opens the same way: config checks, the speech encoder, the prompt ids
-        and the LLM with a context sized for one turn. Returns the ORT options and the prompt section."""
+        and the LLM with a context sized for one turn. Returns the ORT options per stage name and the
+        prompt section."""
         if config.mode not in MODES:
             raise OmniliteError(f"pipeline mode {config.mode!r} is unknown; use one of: {', '.join(MODES)}.")
         if config.queue_size < 1 or config.event_queue_size < 1:
             raise OmniliteError("queue sizes must be at least 1 chunk; raise queue_size / event_queue_size.")
         self.bundle = bundle
         self.config = config
-        ort_options = SessionOptions(providers=config.providers, intra_op_threads=config.threads or 0)
-        self.encoder = SpeechEncoder(bundle, ort_options)
+        def ort_for(stage: str) -> SessionOptions:
+            return SessionOptions(providers=config.providers, intra_op_threads=config.threads_for(stage) or 0)
+
+        self.encoder = SpeechEncoder(bundle, ort_for("encoder"))
         llm_cfg = bundle["llm"]
         prompt = llm_cfg["prompt"]
         self.prefix_ids = list(prompt["prefix_ids"])
@@ -149,9 +157,9 @@ class Pipeline:
                                 f"max_new_tokens={config.max_new_tokens}); raise n_ctx or lower max_new_tokens.")
         # An f32 LLM keeps its KV cache in f32 too, so the exact path stays exact.
         kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
-        self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads,
+        self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads_for("llm"),
                                                              n_gpu_layers=config.n_gpu_layers, kv_cache=kv))
-        return ort_options, prompt
+        return ort_for, prompt
 
     @classmethod
     def load(cls, bundle: str | Path, config: PipelineConfig = PipelineConfig()) -> "Pipeline":

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -18,3 +19,17 @@ def test_cli_run_path_does_not_import_torch():
         "import omnilite.runtime; sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _omp_policy_after_import(env_value: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if env_value is not None:
+        env["OMP_WAIT_POLICY"] = env_value
+    code = "import os, omnilite.runtime.llm; print(os.environ['OMP_WAIT_POLICY'])"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_llama_cpp_openmp_workers_sleep_unless_the_user_chose():
+    # Spinning OpenMP workers starve the onnxruntime stages sharing the cores (see runtime/llm.py).
+    assert _omp_policy_after_import(None) == "PASSIVE"
+    assert _omp_policy_after_import("ACTIVE") == "ACTIVE"

@@ -132,7 +132,7 @@ class Omni2Pipeline(Pipeline):
         if bundle.family != FAMILY:
             raise BundleError(f"{bundle.path} is a '{bundle.family}' bundle, not LLaMA-Omni2; load it with Pipeline.load.")
         config = as_omni2_config(config)
-        ort, prompt = self._open_shared(bundle, config)
+        ort_for, prompt = self._open_shared(bundle, config)
         # Stop where the reference (generation_config.json) stops: llama.cpp also counts Qwen's FIM and
         # repo tokens (and a stray id) as end-of-generation, which would end a reply the model continues.
         self.llm.eos_ids = self.eos_ids
@@ -146,13 +146,14 @@ class Omni2Pipeline(Pipeline):
         # The TTS context holds every fused text token, every written speech token and <sep>.
         tts_ctx = config.max_new_tokens * (1 + -(-self.write // self.read)) + max_final + 16
         tts_kv = "f32" if bundle.stages["tts_lm"].precision == "f32" else "f16"
-        writer = TTSWriter(bundle, LLMConfig(n_ctx=max(512, tts_ctx), n_threads=config.threads,
-                                             n_gpu_layers=config.n_gpu_layers, kv_cache=tts_kv), ort, config.tts)
+        writer = TTSWriter(bundle, LLMConfig(n_ctx=max(512, tts_ctx), n_threads=config.threads_for("speech_generator"),
+                                             n_gpu_layers=config.n_gpu_layers, kv_cache=tts_kv),
+                           ort_for("speech_generator"), config.tts)
         self.tts = writer
         self.units = _TTSStage(writer, self.write, max_final)
         self.omega = self.read  # the shared LLM stage hands over a chunk every `omega` tokens
-        self.flow = FlowDecoder(bundle, ort)
-        self.hift = HiFTVocoder(bundle, ort)
+        self.flow = FlowDecoder(bundle, ort_for("vocoder"))  # flow + HiFT are the profile's "vocoder" stage
+        self.hift = HiFTVocoder(bundle, ort_for("vocoder"))
         self.vocoder = _SpeechVocoder(self)
         self.sample_rate = self.hift.sample_rate
         self._busy = threading.Lock()

@@ -130,12 +130,13 @@ def _is_omni2(checkpoint: str) -> bool:
 
 def _export_omni2(args) -> int:
     from omnilite.export.omni2.export import Omni2ExportOptions, export_llama_omni2
-    from omnilite.runtime.errors import OmniliteError
 
-    if args.preset != "fp32" or any(_quant_overrides(args).values()):
-        raise OmniliteError("LLaMA-Omni2 bundles are exported in fp32 only for now; export without --preset.")
     options = Omni2ExportOptions(llm_dtype=args.llm_dtype, parity=not args.no_parity, strict_parity=not args.no_strict,
-                                 overwrite=args.force)
+                                 overwrite=args.force, **({"encoder_mode": args.encoder_mode} if args.encoder_mode else {}))
+    if args.preset != "fp32" or any(_quant_overrides(args).values()):
+        return _export_quantized(args, "llama-omni2", lambda path, overwrite: export_llama_omni2(
+            args.checkpoint, path, dataclasses.replace(options, overwrite=overwrite), args.speech_encoder, args.decoder,
+            args.speaker_wav))
     out = export_llama_omni2(args.checkpoint, args.out, options, args.speech_encoder, args.decoder, args.speaker_wav)
     _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))
     print(f"wrote bundle {out}")
@@ -151,7 +152,8 @@ def cmd_export(args) -> int:
                             strict_parity=not args.no_strict, overwrite=args.force,
                             **({"encoder_mode": args.encoder_mode} if args.encoder_mode else {}))
     if args.preset != "fp32" or any(_quant_overrides(args).values()):
-        return _export_quantized(args, options)
+        return _export_quantized(args, "llama-omni", lambda path, overwrite: export_llama_omni(
+            args.checkpoint, path, dataclasses.replace(options, overwrite=overwrite), args.speech_encoder, args.vocoder))
     out = export_llama_omni(args.checkpoint, args.out, options, args.speech_encoder, args.vocoder)
     _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))
     print(f"wrote bundle {out}")
@@ -166,7 +168,8 @@ def _print_parity(parity: dict) -> None:
 
 
 def _quant_overrides(args) -> dict[str, str | None]:
-    return {"encoder": args.q_encoder, "llm": args.q_llm, "decoder": args.q_decoder, "vocoder": args.q_vocoder}
+    return {"encoder": args.q_encoder, "llm": args.q_llm, "decoder": args.q_decoder, "tts": args.q_tts,
+            "flow": args.q_flow, "vocoder": args.q_vocoder}
 
 
 def _quant_options(args, **extra):
@@ -213,12 +216,13 @@ def _quantize_and_print(run) -> int:
     return 0
 
 
-def _export_quantized(args, export_options) -> int:
-    from omnilite.quant import export_with_preset
+def _export_quantized(args, family: str, export) -> int:
+    """`export(path, overwrite)` writes the unquantized bundle of `family`."""
+    from omnilite.quant import export_with_preset, plan_for
 
-    return _quantize_and_print(lambda: export_with_preset(
-        args.checkpoint, args.out, export_options, _quant_options(args), args.speech_encoder, args.vocoder,
-        keep_unquantized=args.keep_unquantized))
+    plan_for(args.preset, _quant_overrides(args), family)  # a bad override fails before the export
+    return _quantize_and_print(lambda: export_with_preset(export, args.out, _quant_options(args),
+                                                          keep_unquantized=args.keep_unquantized))
 
 
 def cmd_quantize(args) -> int:
@@ -413,11 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
         from omnilite.quant.presets import GGUF_PRECISIONS, ONNX_PRECISIONS, PRESETS
 
         s.add_argument("--preset", choices=tuple(PRESETS), default="balanced",
-                       help="fp32 (as exported), balanced (INT8 + Q8_0), small (INT4 + Q4_K_M), gpu-fp16")
+                       help="fp32 (as exported), balanced (INT8 + Q8_0), small (INT4 + Q4_K_M; LLaMA-Omni2's flow "
+                            "INT8), gpu-fp16; a preset's roles a bundle's family lacks are ignored, an override of one "
+                            "is refused")
         s.add_argument(f"--encoder{suffix}", dest="q_encoder", choices=ONNX_PRECISIONS, help="override the preset for the speech encoder")
         s.add_argument(f"--llm{suffix}", dest="q_llm", choices=GGUF_PRECISIONS, help="override the preset for the LLM (llama.cpp type)")
-        s.add_argument(f"--decoder{suffix}", dest="q_decoder", choices=ONNX_PRECISIONS, help="override the preset for the speech decoder")
-        s.add_argument(f"--vocoder{suffix}", dest="q_vocoder", choices=("fp32", "fp16", "int8"), help="override the preset for the vocoder")
+        s.add_argument(f"--decoder{suffix}", dest="q_decoder", choices=ONNX_PRECISIONS,
+                       help="LLaMA-Omni: override the preset for the CTC speech decoder")
+        s.add_argument(f"--tts{suffix}", dest="q_tts", choices=GGUF_PRECISIONS,
+                       help="LLaMA-Omni2: override the preset for the TTS LM (llama.cpp type; its text-embedding table "
+                            "goes fp16 below F32)")
+        s.add_argument(f"--flow{suffix}", dest="q_flow", choices=ONNX_PRECISIONS,
+                       help="LLaMA-Omni2: override the preset for the flow-matching decoder (encoder + estimator)")
+        s.add_argument(f"--vocoder{suffix}", dest="q_vocoder", choices=("fp32", "fp16", "int8"),
+                       help="override the preset for the vocoder (LLaMA-Omni: unit HiFi-GAN; LLaMA-Omni2: HiFT)")
         s.add_argument("--strict", action="store_true", help="fail (exit 2, nothing written) if a stage exceeds its tolerance")
         s.add_argument("--tolerance", action="append", metavar="ROLE.METRIC=VALUE",
                        help="override a tolerance, e.g. encoder.cosine_mean=0.995 (repeatable)")

@@ -19,6 +19,9 @@ Per stage (role):
 * decoder: agreement of the per-frame unit/blank predictions, and of the collapsed units;
 * vocoder: duration agreement, waveform SNR and log-mel distance of the audio.
 
+The encoder and LLM sections are shared by every family; LLaMA-Omni2's TTS LM, flow and HiFT
+sections are in `accuracy_omni2`.
+
 Torch-free: numpy, onnxruntime and llama.cpp only (the runtime's stage classes).
 """
 
@@ -192,21 +195,23 @@ def fixed_units(n: int = 60, seed: int = 7, vocab: int = 1000) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
-def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOptions = AccuracyOptions()) -> dict:
-    """The accuracy report of `quantized` against `reference` (same family and architecture)."""
-    if quantized.family != reference.family:
-        raise ValueError(f"cannot compare a {quantized.family} bundle with a {reference.family} one")
-    t_start = time.perf_counter()
-    audio_path = Path(options.audio or QUESTION)
-    audio, rate = read_wav(audio_path)
-    speech = prepare_speech(audio, rate, 16000, source=str(audio_path))
-    ort_opts = SessionOptions(intra_op_threads=options.threads or 0)
-    overrides = options.tolerances
-    n = int(options.tokens)
-    stages: dict[str, dict] = {}
-    prec = {s.name: s.precision for s in quantized.stages.values()}
+@dataclass
+class ChainRun:
+    """What the speech stages of every family read from the encoder and LLM sections: the
+    reference chain's LLM reply and the quantized chain's (for the end-to-end section)."""
 
-    # Encoder ---------------------------------------------------------------------------------
+    ort_opts: SessionOptions
+    overrides: dict[str, float]
+    precisions: dict[str, str]
+    tokens: int
+    tok_ref: list[int]
+    hidden_ref: np.ndarray
+    tok_e2e: list[int]
+    hidden_e2e: np.ndarray
+
+
+def _encoder_section(quantized: Bundle, reference: Bundle, speech: np.ndarray, ort_opts: SessionOptions,
+                     overrides: dict[str, float]) -> tuple[dict, np.ndarray, np.ndarray]:
     st = _stage_of(quantized, "encoder")
     enc_ref = SpeechEncoder(reference, ort_opts)
     mel = enc_ref.mel(speech, "exact")
@@ -221,11 +226,15 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
         "rel_max_error": relative_max_error(emb_ref, emb_q),
         "positions": int(emb_ref.shape[0]),
     }
-    stages["encoder"] = {"stage": st, **_judge("encoder", prec[st], metrics, overrides, same)}
     log.info("accuracy: encoder %s", metrics)
+    return {"stage": st, **_judge("encoder", quantized.stages[st].precision, metrics, overrides, same)}, emb_ref, emb_q
 
-    # LLM -------------------------------------------------------------------------------------
+
+def _llm_section(quantized: Bundle, reference: Bundle, emb_ref: np.ndarray, emb_q: np.ndarray, same_enc: bool,
+                 options: AccuracyOptions) -> tuple[dict, dict, tuple]:
+    """(llm stage report, end-to-end text fields, (tok_ref, hidden_ref, tok_e2e, hidden_e2e))."""
     st = _stage_of(quantized, "llm")
+    n = int(options.tokens)
     prompt = reference["llm"]["prompt"]
     eos = frozenset(reference["llm"]["eos_ids"])
     n_ctx = max(512, len(prompt["prefix_ids"]) + len(emb_ref) + len(prompt["suffix_ids"]) + n + 16)
@@ -233,7 +242,6 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
         tok_ref, logits_ref, hidden_ref = greedy_with_logits(llm, _prefill(llm, prompt, emb_ref), n)
         text_ref = llm.detokenize(_until_eos(tok_ref, eos))
     same_llm = _same_file(quantized, reference, st)
-    same_enc = stages["encoder"]["identical_file"]
     logits_q, hidden_q, tok_greedy, hidden_greedy, text_q = logits_ref, hidden_ref, tok_ref, hidden_ref, text_ref
     tok_e2e, hidden_e2e, text_e2e = tok_ref, hidden_ref, text_ref
     if not (same_llm and same_enc):
@@ -259,18 +267,76 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
         "text_reference": text_ref[:160], "text_quantized": text_q[:160],
         "tokens": n,
     }
-    stages["llm"] = {"stage": st, **_judge("llm", prec[st], metrics, overrides, same_llm)}
     log.info("accuracy: llm top1 %.3f KL %.4f", metrics["top1_agreement"], metrics["mean_kl"])
+    report = {"stage": st, **_judge("llm", quantized.stages[st].precision, metrics, options.tolerances, same_llm)}
+    end_to_end = {
+        "text_identical": g_ref == _until_eos(tok_e2e, eos),
+        "tokens_agreeing_prefix": next((i for i, (a, b) in enumerate(zip(tok_ref, tok_e2e)) if a != b), n),
+        "text_quantized": text_e2e[:160],
+    }
+    return report, end_to_end, (tok_ref, hidden_ref, tok_e2e, hidden_e2e)
 
+
+def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOptions = AccuracyOptions()) -> dict:
+    """The accuracy report of `quantized` against `reference` (same family and architecture)."""
+    if quantized.family != reference.family:
+        raise ValueError(f"cannot compare a {quantized.family} bundle with a {reference.family} one")
+    t_start = time.perf_counter()
+    audio_path = Path(options.audio or QUESTION)
+    audio, rate = read_wav(audio_path)
+    speech = prepare_speech(audio, rate, 16000, source=str(audio_path))
+    ort_opts = SessionOptions(intra_op_threads=options.threads or 0)
+    stages: dict[str, dict] = {}
+    stages["encoder"], emb_ref, emb_q = _encoder_section(quantized, reference, speech, ort_opts, options.tolerances)
+    stages["llm"], end_to_end, (tok_ref, hidden_ref, tok_e2e, hidden_e2e) = _llm_section(
+        quantized, reference, emb_ref, emb_q, stages["encoder"]["identical_file"], options)
+    run = ChainRun(ort_opts, options.tolerances, {s.name: s.precision for s in quantized.stages.values()},
+                   int(options.tokens), tok_ref, hidden_ref, tok_e2e, hidden_e2e)
+    if quantized.family == "llama-omni2":
+        from .accuracy_omni2 import speech_sections
+    else:
+        speech_sections = _llama_omni_speech
+    speech_stages, audio_e2e, input_extra = speech_sections(quantized, reference, run)
+    stages.update(speech_stages)
+    end_to_end.update(audio_e2e)
+    end_to_end["note"] = "whole quantized chain vs whole reference chain; not judged: one changed token changes the rest"
+    failed = [role for role, rep in stages.items() if not rep["ok"]]
+    return {
+        "reference": {"path": str(reference.path), "precisions": {s.name: s.precision for s in reference.stages.values()}},
+        "input": {"audio": audio_path.name, "seconds": round(len(speech) / 16000, 2), "encoder_mode": "exact",
+                  "tokens": run.tokens, **input_extra},
+        "stages": stages,
+        "end_to_end": end_to_end,
+        "ok": not failed,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def audio_comparison(audio_ref: np.ndarray, audio_q: np.ndarray, rate: int) -> dict:
+    """The end-to-end audio fields: SNR and log-mel distance of the two chains' replies."""
+    some = bool(len(audio_ref) or len(audio_q))
+    return {
+        "audio_snr_db": snr_db(audio_ref, audio_q) if some else float("inf"),
+        "audio_log_mel_distance_db": log_mel_distance_db(audio_ref, audio_q, rate) if some else 0.0,
+        "audio_seconds_reference": round(len(audio_ref) / rate, 3),
+        "audio_seconds_quantized": round(len(audio_q) / rate, 3),
+    }
+
+
+def _llama_omni_speech(quantized: Bundle, reference: Bundle, run: ChainRun) -> tuple[dict, dict, dict]:
+    """LLaMA-Omni's CTC speech decoder and unit vocoder: (stage reports, end-to-end audio fields, input fields)."""
+    ort_opts, overrides, prec = run.ort_opts, run.overrides, run.precisions
+    stages: dict[str, dict] = {}
     # Speech decoder --------------------------------------------------------------------------
     st = _stage_of(quantized, "decoder")
     omega = int(reference["streaming"]["omega"])
     gen_ref = StreamingUnitGenerator(reference, ort_opts)
     blank = gen_ref.blank
-    frames_ref = _frame_predictions(gen_ref, reference, hidden_ref, omega)
+    frames_ref = _frame_predictions(gen_ref, reference, run.hidden_ref, omega)
     same = _same_file(quantized, reference, st)
     gen_q = gen_ref if same else StreamingUnitGenerator(quantized, ort_opts)
-    frames_q = frames_ref if same else _frame_predictions(gen_q, quantized, hidden_ref, omega)
+    frames_q = frames_ref if same else _frame_predictions(gen_q, quantized, run.hidden_ref, omega)
     units_ref = ctc_collapse(frames_ref, blank, None)
     units_q = ctc_collapse(frames_q, blank, None)
     metrics = {
@@ -280,7 +346,7 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
         "units_reference": len(units_ref), "units_quantized": len(units_q), "frames": int(len(frames_ref)),
     }
     stages["decoder"] = {"stage": st, **_judge("decoder", prec[st], metrics, overrides, same)}
-    units_e2e = ctc_collapse(_frame_predictions(gen_q, quantized, hidden_e2e, omega), blank, None)
+    units_e2e = ctc_collapse(_frame_predictions(gen_q, quantized, run.hidden_e2e, omega), blank, None)
     del gen_ref, gen_q
     log.info("accuracy: decoder frame agreement %.3f", metrics["frame_agreement"])
 
@@ -307,31 +373,9 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
     log.info("accuracy: vocoder SNR %.1f dB", metrics["snr_db"])
 
     # End to end (informational) ----------------------------------------------------------------
-    audio_ref = voc_ref.offline(units_ref)
-    audio_q = voc_q.offline(units_e2e)
-    g_e2e = _until_eos(tok_e2e, eos)
-    end_to_end = {
-        "text_identical": g_ref == g_e2e,
-        "tokens_agreeing_prefix": next((i for i, (a, b) in enumerate(zip(tok_ref, tok_e2e)) if a != b), n),
-        "unit_agreement": sequence_agreement(units_ref, units_e2e),
-        "audio_snr_db": snr_db(audio_ref, audio_q) if len(audio_ref) or len(audio_q) else float("inf"),
-        "audio_log_mel_distance_db": log_mel_distance_db(audio_ref, audio_q, rate_out) if len(audio_ref) or len(audio_q) else 0.0,
-        "audio_seconds_reference": round(len(audio_ref) / rate_out, 3),
-        "audio_seconds_quantized": round(len(audio_q) / rate_out, 3),
-        "text_quantized": text_e2e[:160],
-        "note": "whole quantized chain vs whole reference chain; not judged: one changed token changes the rest",
-    }
-    failed = [role for role, rep in stages.items() if not rep["ok"]]
-    return {
-        "reference": {"path": str(reference.path), "precisions": {s.name: s.precision for s in reference.stages.values()}},
-        "input": {"audio": audio_path.name, "seconds": round(len(speech) / 16000, 2), "encoder_mode": "exact",
-                  "tokens": n, "omega": omega},
-        "stages": stages,
-        "end_to_end": end_to_end,
-        "ok": not failed,
-        "failed": failed,
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
+    audio_e2e = {"unit_agreement": sequence_agreement(units_ref, units_e2e),
+                 **audio_comparison(voc_ref.offline(units_ref), voc_q.offline(units_e2e), rate_out)}
+    return stages, audio_e2e, {"omega": omega}
 
 
 # --- printing ---------------------------------------------------------------------------------
@@ -340,6 +384,8 @@ _SHOW = {
     "encoder": ("cosine_min", "cosine_mean", "rel_rms_error", "rel_max_error"),
     "llm": ("top1_agreement", "mean_kl", "max_kl", "hidden_cosine_min", "greedy_text_changed"),
     "decoder": ("frame_agreement", "unit_agreement", "units_identical"),
+    "tts": ("top1_agreement", "mean_kl", "max_kl", "greedy_token_agreement"),
+    "flow": ("mel_rel_error", "mel_rel_max_error", "mel_cosine_min"),
     "vocoder": ("snr_db", "log_mel_distance_db", "duration_agreement"),
 }
 

@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from omnilite.runtime.errors import BundleError, OmniliteError
 from omnilite.export.bundle_dir import replace_dir
 
 from .accuracy import AccuracyOptions, measure_accuracy
-from .presets import FAMILY_ROLES, FIXED_STAGES, UNQUANTIZED, bits, plan_for
+from .presets import FAMILY_ROLES, FIXED_STAGES, UNQUANTIZED, bits, plan_for, table_precision
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,16 @@ def _targets(source: Bundle, options: QuantizeOptions) -> tuple[dict[str, str], 
     """(stage -> target precision, role -> precision asked) for this source and plan."""
     if source.family not in FAMILY_ROLES:
         raise BundleError(f"{source.path} is a '{source.family}' bundle, which this omnilite cannot quantize; upgrade omnilite.")
-    plan = plan_for(options.preset, options.overrides)
+    plan = plan_for(options.preset, options.overrides, source.family)
     roles = stage_roles(source.family)
     targets = {}
     for name, stage in source.stages.items():
         role = roles.get(name)
         asked = getattr(plan, role) if role else None
+        if asked is not None and stage.format == "npy":
+            asked = table_precision(asked, stage.precision)
         targets[name] = stage.precision if asked is None else asked
-    return targets, plan.as_dict()
+    return targets, plan.as_dict(source.family)
 
 
 def _check_requantization(source: Bundle, targets: dict[str, str], options: QuantizeOptions) -> bool:
@@ -214,6 +217,8 @@ def _build(src: Bundle, tmp: Path, targets: dict[str, str], plan: dict, requanti
             extra = []
             info = quantize_gguf(src_file, dst_file, want, threads=options.threads, allow_requantize=requantize,
                                  progress=options.progress)
+        elif stage["format"] == "npy" and want in ("fp16", "fp32"):
+            extra, info = [], _cast_table(src_file, dst_file, want)
         else:
             raise BundleError(f"stage {name} has format {stage['format']!r}, which this omnilite cannot quantize; upgrade omnilite.")
         stage["precision"] = want
@@ -224,6 +229,7 @@ def _build(src: Bundle, tmp: Path, targets: dict[str, str], plan: dict, requanti
         details[name] = info
         log.info("quantize: %s %s -> %s (%.1f%% of the source size)", name, info["source_precision"], want, 100 * info["size_ratio"])
     stages.close()
+    _refresh_padding_cache(tmp, manifest, details)
 
     import llama_cpp
     import onnxruntime
@@ -247,6 +253,37 @@ def _build(src: Bundle, tmp: Path, targets: dict[str, str], plan: dict, requanti
     return manifest
 
 
+def _refresh_padding_cache(tmp: Path, manifest: dict, details: dict[str, dict]) -> None:
+    """A re-encoded encoder gets the padding cache of its own output (what `+fill` encoder modes
+    splice in after the speech), as if the quantized encoder had run in exact mode; without it the
+    runtime would recompute the cache at every load."""
+    cache = manifest.get("encoder", {}).get("padding_cache")
+    stage = next((s for s in manifest["stages"] if s["name"] == "encoder"), None)
+    if not cache or stage is None or cache["file"] in stage["extra_files"]:
+        return  # no cache in this bundle, or the encoder was copied with it
+    import numpy as np
+
+    from omnilite.runtime.encoder import SpeechEncoder, padding_mel
+
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # SpeechEncoder reads the encoder section
+    encoder = SpeechEncoder(load_bundle(tmp, verify=False))
+    np.save(tmp / cache["file"], encoder.embed(padding_mel(encoder.log_mel.n_mels, encoder.max_frames)))
+    stage["extra_files"][cache["file"]] = sha256_file(tmp / cache["file"])
+    details["encoder"]["bytes"] = _bytes(tmp, stage)
+    details["encoder"]["size_ratio"] = round(details["encoder"]["bytes"] / max(details["encoder"]["source_bytes"], 1), 4)
+    details["encoder"]["notes"] = [*details["encoder"].get("notes", []), f"{cache['file']} recomputed with this encoder"]
+    log.info("quantize: encoder padding cache recomputed with the %s encoder", stage["precision"])
+
+
+def _cast_table(src: Path, dst: Path, precision: str) -> dict:
+    """An embedding table (npy stage) in float16 or float32; the runtime reads either."""
+    import numpy as np
+
+    table = np.load(src, mmap_mode="r")
+    np.save(dst, np.asarray(table, np.float16 if precision == "fp16" else np.float32))
+    return {"method": f"numpy table cast to {'float16' if precision == 'fp16' else 'float32'}"}
+
+
 def format_sizes(manifest: dict) -> list[str]:
     """One line per stage: precision, size and its ratio to the source."""
     lines = []
@@ -260,22 +297,20 @@ def manifest_precision(manifest: dict, stage: str) -> str:
     return next(s["precision"] for s in manifest["stages"] if s["name"] == stage)
 
 
-def export_with_preset(checkpoint: str | Path, out: str | Path, export_options, quant_options: QuantizeOptions,
-                       speech_encoder: str | Path | None = None, vocoder: str | Path | None = None,
+def export_with_preset(export: Callable[[Path, bool], object], out: str | Path, quant_options: QuantizeOptions,
                        keep_unquantized: str | Path | None = None) -> QuantizeResult:
-    """`omnilite export --preset`: export the unquantized bundle (to `keep_unquantized`, or to a
-    temporary directory next to OUT that is removed afterwards), then quantize it into OUT."""
+    """`omnilite export --preset`: `export(path, overwrite)` writes the unquantized bundle (to
+    `keep_unquantized`, or to a temporary directory next to OUT that is removed afterwards), then it
+    is quantized into OUT. Any family: the caller binds its exporter and options."""
     from dataclasses import replace
-
-    from omnilite.export.llama_omni import export_llama_omni
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not quant_options.overwrite:
         raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass --force.")
     fp32 = Path(keep_unquantized) if keep_unquantized else out.with_name(f".{out.name}.unquantized")
     try:
-        export_llama_omni(checkpoint, fp32, replace(export_options, overwrite=export_options.overwrite or not keep_unquantized),
-                          speech_encoder, vocoder)
+        # A temporary directory is always ours to replace; a kept one only with --force.
+        export(fp32, quant_options.overwrite or not keep_unquantized)
         # A temporary source is about to disappear: the manifest says so instead of naming it.
         return quantize_bundle(fp32, out, replace(quant_options, record_source=bool(keep_unquantized)))
     finally:

@@ -142,5 +142,5 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
     if main not in types:
         # Tiny test models: rows narrower than 256 cannot use k-quants, llama.cpp picked 32-wide types.
         details["fallback"] = f"no tensor got {main}; llama.cpp fell back to {', '.join(types)} (row widths not a multiple of its block)"
-        log.warning("llm: %s", details["fallback"])
+        log.warning("%s: %s", Path(dst).stem, details["fallback"])  # the stage file: llm or tts_lm
     return details

@@ -1,9 +1,11 @@
 """Quantization presets, per-stage precisions and the accuracy tolerances each precision must meet.
 
-A bundle's stages are grouped in four *roles* that every family shares (encoder, llm, decoder,
-vocoder); a preset gives one precision per role and the CLI can override any of them. ONNX stages
-take `fp32 | fp16 | int8 | int4`, GGUF stages take a llama.cpp type name. Stages outside the
-roles (LLaMA-Omni's duration predictor) stay as exported: see `FIXED_STAGES` for why.
+A bundle's stages are grouped in *roles*; a preset gives one precision per role and the CLI can
+override any role the bundle's family has (`FAMILY_ROLES`). LLaMA-Omni: encoder, llm, decoder (the
+CTC speech decoder), vocoder. LLaMA-Omni2: encoder, llm, tts (the TTS LM, a GGUF like the LLM, with
+its text-embedding table), flow (CosyVoice2 flow matching), vocoder (HiFT). ONNX roles take
+`fp32 | fp16 | int8 | int4`, GGUF roles a llama.cpp type name. Stages outside the roles stay as
+exported: see `FIXED_STAGES` for why.
 """
 
 from __future__ import annotations
@@ -21,16 +23,30 @@ UNQUANTIZED = frozenset({"fp32", "f32", "f16", "F32", "F16"})  # a source the re
 _BITS = {"fp32": 32, "f32": 32, "F32": 32, "fp16": 16, "f16": 16, "F16": 16, "int8": 8, "Q8_0": 8.5,
          "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.85, "Q4_0": 4.5, "int4": 4.5}
 
-ROLES = ("encoder", "llm", "decoder", "vocoder")
+ROLES = ("encoder", "llm", "decoder", "tts", "flow", "vocoder")
+GGUF_ROLES = ("llm", "tts")  # the others are ONNX
 
-# Family -> role -> bundle stage names.
+# Family -> role -> bundle stage names (the first is the one the accuracy report names).
 FAMILY_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
     "llama-omni": {"encoder": ("encoder",), "llm": ("llm",), "decoder": ("speech_generator",), "vocoder": ("vocoder",)},
+    # tts_text_embed (the TTS LM's input rows for the LLM's token ids, a numpy table as large as the
+    # TTS LM's own embedding) follows the TTS LM: fp16 whenever the TTS LM is below F32.
+    "llama-omni2": {"encoder": ("encoder",), "llm": ("llm",), "tts": ("tts_lm", "tts_text_embed"),
+                    "flow": ("flow_encoder", "flow_estimator"), "vocoder": ("hift",)},
 }
 # Stages that never change precision, and why (printed in the report).
 FIXED_STAGES: dict[str, str] = {
     "unit_duration": "kept fp32: 0.1% of the vocoder's weights, and a duration that rounds differently shifts every later sample",
+    "tts_fusion": "kept fp32: two small projections (LLM hidden state + text embedding -> TTS input) read at every TTS step",
+    "flow_noise": "kept fp32: the flow's fixed initial noise is data, not weights",
+    "hift_f0": "kept fp32: the F0 predictor is small, and an F0 error moves the phase of the sine source in every later sample",
 }
+
+
+def table_precision(asked: str, current: str) -> str:
+    """The precision of a numpy table (npy stage) in a role asked for `asked`: fp16 below 32 bits
+    (lossless enough next to a quantized TTS LM, half the size), never upwards from fp16."""
+    return "fp16" if bits(asked) < 32 or current == "fp16" else "fp32"
 
 
 def bits(precision: str) -> float:
@@ -39,11 +55,14 @@ def bits(precision: str) -> float:
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """One precision per role. `llm=None` keeps the LLM as exported (f32 or f16)."""
+    """One precision per role. `llm=None` / `tts=None` keep that GGUF as exported (f32 or f16).
+    A family uses only its own roles (`FAMILY_ROLES`); the rest of a preset does not apply to it."""
 
     encoder: str = "fp32"
     llm: str | None = None
     decoder: str = "fp32"
+    tts: str | None = None
+    flow: str = "fp32"
     vocoder: str = "fp32"
 
     def with_overrides(self, overrides: dict[str, str | None]) -> "QuantPlan":
@@ -53,39 +72,52 @@ class QuantPlan:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> None:
-        for role in ("encoder", "decoder", "vocoder"):
+        for role in ROLES:
             p = getattr(self, role)
-            if p not in ONNX_PRECISIONS:
+            if role in GGUF_ROLES:
+                if p is not None and p not in GGUF_PRECISIONS:
+                    raise OmniliteError(f"--{role} {p!r} is not a supported llama.cpp type; use one of: {', '.join(GGUF_PRECISIONS)}.")
+            elif p not in ONNX_PRECISIONS:
                 raise OmniliteError(f"--{role} {p!r} is not an ONNX precision; use one of: {', '.join(ONNX_PRECISIONS)}.")
         if self.vocoder == "int4":
             # MatMulNBits covers MatMul only; the HiFi-GAN is convolutions, so int4 would change nothing.
             raise OmniliteError("--vocoder int4 is not supported (the vocoder is convolutions; int4 weight-only "
                                 "quantization covers MatMul); use int8 or fp16.")
-        if self.llm is not None and self.llm not in GGUF_PRECISIONS:
-            raise OmniliteError(f"--llm {self.llm!r} is not a supported llama.cpp type; use one of: {', '.join(GGUF_PRECISIONS)}.")
 
-    def as_dict(self) -> dict[str, str | None]:
-        return {r: getattr(self, r) for r in ROLES}
+    def as_dict(self, family: str | None = None) -> dict[str, str | None]:
+        """Precision per role: the family's roles, or every role."""
+        return {r: getattr(self, r) for r in (FAMILY_ROLES[family] if family else ROLES)}
 
 
 PRESETS: dict[str, QuantPlan] = {
     # The exported precisions: a copy, useful as the baseline row of a comparison.
     "fp32": QuantPlan(),
     # INT8 weights and activations where the CPU has integer dot products (VNNI, ARM dotprod).
-    "balanced": QuantPlan(encoder="int8", llm="Q8_0", decoder="int8", vocoder="fp32"),
+    "balanced": QuantPlan(encoder="int8", llm="Q8_0", decoder="int8", tts="Q8_0", flow="int8", vocoder="fp32"),
     # Smallest: 4-bit weight-only matmuls, Q4_K_M LLM. The vocoder stays fp32: it is 1% of the
     # bundle, and onnxruntime's int8 convolutions (ConvInteger) ran 4x slower than fp32 on an
     # AVX-512 VNNI CPU (RTF 1.7 for 1 s of audio: no longer real time); `--vocoder int8` (39% of
     # the size) stays available for hardware with fast int8 convolutions.
-    "small": QuantPlan(encoder="int4", llm="Q4_K_M", decoder="int4", vocoder="fp32"),
+    # LLaMA-Omni2's flow stays int8 here: at the real shape (random weights, 1 thread) int4
+    # MatMulNBits ran the estimator no faster than fp32 (0.82 s vs 0.82 s a call) while int8 took
+    # 0.48 s, and int4 was 10x the error (estimator output 0.20 vs 0.020) for 8% less size.
+    "small": QuantPlan(encoder="int4", llm="Q4_K_M", decoder="int4", tts="Q4_K_M", flow="int8", vocoder="fp32"),
     # GPU profiles: fp16 everywhere (tensor cores); on CPU it mainly halves the size.
-    "gpu-fp16": QuantPlan(encoder="fp16", llm="F16", decoder="fp16", vocoder="fp16"),
+    "gpu-fp16": QuantPlan(encoder="fp16", llm="F16", decoder="fp16", tts="F16", flow="fp16", vocoder="fp16"),
 }
 
 
-def plan_for(preset: str, overrides: dict[str, str | None] | None = None) -> QuantPlan:
+def plan_for(preset: str, overrides: dict[str, str | None] | None = None, family: str | None = None) -> QuantPlan:
+    """The preset with the overrides applied; with `family`, an override of a role that family
+    does not have is refused (it would silently do nothing)."""
     if preset not in PRESETS:
         raise OmniliteError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}.")
+    if family is not None:
+        roles = FAMILY_ROLES[family]
+        foreign = [r for r, v in (overrides or {}).items() if v is not None and r in ROLES and r not in roles]
+        if foreign:
+            raise OmniliteError(f"--{foreign[0]} does not apply to a {family} bundle, whose stage roles are "
+                                f"{', '.join(roles)}; drop it.")
     plan = PRESETS[preset].with_overrides(overrides or {})
     plan.validate()
     return plan
@@ -144,7 +176,20 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
         "int8": _tol({"frame_agreement": 0.9}),
         "int4": _tol({"frame_agreement": 0.7}),
     },
+    # LLaMA-Omni2's TTS LM is a Qwen2.5-0.5B LM quantized by the same llama.cpp types as the LLM:
+    # the LLM's bounds. tiny (teacher-forced on the reference TTS tokens, 121 tokens): Q8_0 1.0 /
+    # KL 0.00016, Q4_K_M 0.994 / 0.0074 (48-wide rows: llama.cpp fell back to Q5_0/Q8_0), F16 1.0 / 2e-5.
+    # No trained TTS LM was available to calibrate against.
+    "tts": {},  # filled from "llm" below
+    # LLaMA-Omni2 flow, mel relative error of the whole 10-step solve. tiny: fp16 0.0028, int8
+    # 0.013, int4 0.11; real shape (random weights, one estimator call): int8 0.020, int4 0.20.
+    "flow": {
+        "fp16": _tol(maxs={"mel_rel_error": 0.01}),
+        "int8": _tol(maxs={"mel_rel_error": 0.05}),
+        "int4": _tol(maxs={"mel_rel_error": 0.3}),
+    },
     # tiny: int8 (first/last conv float) 31 dB / 0.15 dB log-mel, fp16 61 dB / 0.005 dB.
+    # LLaMA-Omni2's HiFT (tiny): fp16 54 dB / 0.010 dB, int8 21 dB / 0.41 dB.
     "vocoder": {
         "fp16": _tol({"snr_db": 40.0}, {"log_mel_distance_db": 0.5}),
         "int8": _tol({"snr_db": 15.0}, {"log_mel_distance_db": 3.0}),
@@ -152,11 +197,14 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 }
 
 
+TOLERANCES["tts"] = dict(TOLERANCES["llm"])
+
 # Which way each judged metric must go.
 METRIC_KIND = {"cosine_mean": "min", "rel_rms_error": "max", "top1_agreement": "min", "mean_kl": "max",
-               "frame_agreement": "min", "snr_db": "min", "log_mel_distance_db": "max"}
+               "frame_agreement": "min", "snr_db": "min", "log_mel_distance_db": "max", "mel_rel_error": "max"}
 ROLE_METRICS = {"encoder": ("cosine_mean", "rel_rms_error"), "llm": ("top1_agreement", "mean_kl"),
-                "decoder": ("frame_agreement",), "vocoder": ("snr_db", "log_mel_distance_db")}
+                "decoder": ("frame_agreement",), "tts": ("top1_agreement", "mean_kl"), "flow": ("mel_rel_error",),
+                "vocoder": ("snr_db", "log_mel_distance_db")}
 
 
 def tolerance(role: str, precision: str, overrides: dict[str, float] | None = None) -> Tolerance:

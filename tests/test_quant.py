@@ -125,7 +125,7 @@ def test_accuracy_report_fields_are_present_and_computed(quantized, preset, bund
 def test_presets_and_overrides():
     from omnilite.quant.presets import plan_for
 
-    assert plan_for("small").as_dict() == {"encoder": "int4", "llm": "Q4_K_M", "decoder": "int4", "vocoder": "fp32"}
+    assert plan_for("small").as_dict("llama-omni") == {"encoder": "int4", "llm": "Q4_K_M", "decoder": "int4", "vocoder": "fp32"}
     assert plan_for("small", {"vocoder": "int8", "llm": None}).vocoder == "int8"
     with pytest.raises(OmniliteError, match="--vocoder int4 is not supported"):
         plan_for("balanced", {"vocoder": "int4"})

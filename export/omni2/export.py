@@ -3,6 +3,7 @@
 Stages and files:
 
 * ``encoder.onnx``          Whisper encoder + concat adapter (dynamic length)
+* ``encoder_padding.npy``   its output for a 30 s window of padding (what ``+fill`` encoder modes splice in)
 * ``llm.gguf``              Qwen2.5 LLM + tokenizer (llama.cpp)
 * ``tts_lm.gguf``           TTS LM + TTS tokenizer; it takes fused inputs as raw embedding batches
 * ``tts_fusion.onnx``       input_proj + gate: (LLM hidden, TTS text embedding) -> fused TTS input
@@ -32,10 +33,12 @@ from tqdm import tqdm
 
 from omnilite import __version__
 from omnilite.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from omnilite.runtime.encoder import DEFAULT_FAST_MODE, EncoderMode
 from omnilite.runtime.errors import OmniliteError
 
 from ..bundle_dir import record_parity, replace_dir
 from ..onnx_export import export_onnx, io_shapes
+from ..speech_encoder import PADDING_CACHE_FILE, encoder_manifest, padding_cache
 from .checkpoint import Omni2Checkpoint
 from .flow import EstimatorStage, FlowEncoderStage
 from .gguf_qwen2 import write_qwen2_gguf
@@ -51,6 +54,7 @@ FAMILY = "llama-omni2"
 @dataclass(frozen=True)
 class Omni2ExportOptions:
     llm_dtype: str = "f32"  # GGUF weights of both LMs: "f32" or "f16"
+    encoder_mode: str = DEFAULT_FAST_MODE  # the bundle's default encoder mode (runtime flag overrides)
     parity: bool = True
     strict_parity: bool = True
     overwrite: bool = False
@@ -77,6 +81,7 @@ def export_llama_omni2(checkpoint: str | Path, out: str | Path, options: Omni2Ex
         raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass --force.")
     if options.llm_dtype not in ("f32", "f16"):
         raise OmniliteError(f"LLM dtype {options.llm_dtype!r} is not supported; use f32 or f16.")
+    EncoderMode.parse(options.encoder_mode)  # a bad mode fails before any work
     ckpt = Omni2Checkpoint.open(checkpoint, speech_encoder, decoder)
     speaker = _speaker_wav(speaker_wav)
     tmp = out.with_name(f".{out.name}.partial")
@@ -133,6 +138,10 @@ def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2
     for file, module, example, dyn_in, dyn_out in onnx_stages:
         step(file)
         side_files[file] = export_onnx(module, example, tmp / file, dyn_in, dyn_out)
+        if file == "encoder.onnx":
+            # +fill encoder modes splice in the encoding of pure padding; one exact-mode run, done here.
+            np.save(tmp / PADDING_CACHE_FILE, padding_cache(ref.encoder, ref.n_mels, 2 * ckpt.whisper_dims["n_audio_ctx"]))
+            side_files[file].append(PADDING_CACHE_FILE)
         steps.update()
 
     step("llm.gguf + tts_lm.gguf")
@@ -219,14 +228,8 @@ def _manifest(ckpt: Omni2Checkpoint, ref: Omni2ReferencePipeline, tmp: Path, opt
             "whisper_dims": ckpt.whisper_dims,
         },
         "audio": {"input_sample_rate": 16000, "output_sample_rate": hc.sampling_rate},
-        "encoder": {
-            "n_mels": ref.n_mels,
-            "mode": "exact",
-            "modes": {"exact": "pad or trim to 30 s, as the model was trained (1500 encoder frames)",
-                      "unpadded": "encode the real length only (fewer speech positions; outputs drift from exact)"},
-            "max_mel_frames": 2 * ckpt.whisper_dims["n_audio_ctx"],
-            "frames_per_position": 2 * int(c.get("speech_encoder_ds_rate", 5)),
-        },
+        "encoder": encoder_manifest(ref.n_mels, 2 * ckpt.whisper_dims["n_audio_ctx"], 2 * int(c.get("speech_encoder_ds_rate", 5)),
+                                    options.encoder_mode),
         "llm": {
             "n_embd": c["hidden_size"],
             "n_vocab": ckpt.llm_config.vocab_size,

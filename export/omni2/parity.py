@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from omnilite.runtime.bundle import load_bundle
-from omnilite.runtime.encoder import SpeechEncoder
+from omnilite.runtime.encoder import ENCODER_MODES, SpeechEncoder
 from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
 from omnilite.runtime.mel import LogMel
 from omnilite.runtime.metrics import cosine_rows, relative_max_error, snr_db
@@ -19,7 +19,7 @@ from omnilite.runtime.omni2.hift import HiFTVocoder
 from omnilite.runtime.omni2.tts import TTSWriter
 
 from ..parity import _prefix_agreement, fixed_audio
-from ..speech_encoder import log_mel_torch
+from ..speech_encoder import log_mel_torch, padding_cache, reference_mode_embeddings
 from .reference import Omni2ReferencePipeline, rw_chunks
 
 PARITY_TOKENS = 32
@@ -68,6 +68,13 @@ def measure_parity(ref: Omni2ReferencePipeline, bundle_dir: Path) -> dict:
     for mode, pad in (("exact", True), ("unpadded", False)):
         mel, emb_ref = ref.speech_embeddings(audio, pad_to_30s=pad)
         enc[mode] = relative_max_error(emb_ref.numpy(), encoder.embed(mel.numpy()))
+    # Every other encoder mode (the default is a +fill one): same windows and numpy mel on both
+    # sides, the PyTorch stage per window.
+    padding = padding_cache(ref.encoder, ref.n_mels, encoder.max_frames)
+    for mode in ENCODER_MODES:
+        if mode not in enc:
+            emb_ref = reference_mode_embeddings(ref.encoder, audio, mode, ref.n_mels, encoder.frames_per_position, padding)
+            enc[mode] = relative_max_error(emb_ref, encoder(audio, mode))
     report["encoder"] = {"rel_max_error": enc, "threshold": THRESHOLDS["encoder_rel_max"],
                          "ok": max(enc.values()) <= THRESHOLDS["encoder_rel_max"]}
 

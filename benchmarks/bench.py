@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from omnilite import __version__
 from omnilite.devices.host import detect_host
-from omnilite.devices.profiles import choose_profile, pipeline_settings, resolve_providers
+from omnilite.devices.profiles import builtin_profiles, choose_profile, get_profile, pipeline_settings, resolve_providers
+
+from .cost import Figures, estimate, host_figures, measure_work, share_before_first_audio
 from omnilite.runtime.audio import atomic_write_bytes, prepare_speech, read_wav
 from omnilite.runtime.bundle import load_bundle
 from omnilite.runtime.errors import OmniliteError
@@ -46,6 +49,7 @@ class BenchConfig:
     baseline: str | None = None  # "torch"
     encoder_mode: str = "exact"
     progress: bool = True
+    estimate: tuple[str, ...] = ()  # profiles to estimate for ("all": every built-in one)
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -113,6 +117,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                 bar.update()
     report = _report(cfg, host, profile, reason, providers, provider_warnings, threads, bundle, results,
                      load_seconds, speech_seconds)
+    if cfg.estimate:
+        report["estimates"] = _estimates(cfg, profile, config("sequential"), raw, rate, report)
     if cfg.baseline == "torch":
         report["baseline"] = _torch_baseline(cfg, bundle, threads, report)
     elif cfg.baseline:
@@ -157,9 +163,53 @@ def _report(cfg, host, profile, reason, providers, warnings, threads, bundle, re
     }
 
 
+def _estimates(cfg: BenchConfig, profile, config: PipelineConfig, raw: np.ndarray, rate: int, report: dict) -> dict:
+    """Work per stage from one profiled turn; estimates for the asked profiles; and the model checked
+    on this host: predicted (from this host's measured figures) vs measured sequential times."""
+    work, done = measure_work(cfg.bundle, config, raw, rate)
+    share = share_before_first_audio(done)
+    measured = {s: v["p50_ms"] for s, v in report["stages"].items()}
+    unmodelled = {s: ms for s, ms in measured.items() if s not in work}
+    here = host_figures(profile.peak_gflops["int8"] / profile.peak_gflops["fp32"])
+    check = estimate(work, here, share, unmodelled)
+    measured_ttfa = report["latency"]["sequential"]["ttfa"]["p50_ms"]
+    check.update(measured_ttfa_ms=measured_ttfa, ttfa_error=check["ttfa_ms"] / measured_ttfa - 1,
+                 measured_stages_ms=measured,
+                 stage_error={s: check["stages_ms"][s] / ms - 1 for s, ms in measured.items() if ms > 0 and s in check["stages_ms"]})
+    names = list(builtin_profiles()) if "all" in cfg.estimate else list(cfg.estimate)
+    out = {}
+    for name in names:
+        p = get_profile(name)
+        figures = Figures.of_profile(p)
+        out[p.name] = estimate(work, figures, share, unmodelled, scale=here.fp32_gflops / figures.fp32_gflops)
+    return {"work": {s: asdict(w) for s, w in work.items()}, "share_before_first_audio": share,
+            "check_on_this_host": check, "profiles": out}
+
+
+def _available_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _baseline_llm_dtype(n_params: int, available: int):
+    """fp32 (the reference) when it fits in 70% of free memory, else bfloat16, else None (skipped)."""
+    import torch
+
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        if n_params * size < 0.7 * available:
+            return dtype
+    return None
+
+
 def _torch_baseline(cfg: BenchConfig, bundle, threads: int, report: dict) -> dict:
     """The PyTorch reference on the bundle's source checkpoint: it answers offline (the whole reply,
-    then units, then audio), so its first audio sample is ready when everything is."""
+    then units, then audio), so its first audio sample is ready when everything is. The LLM runs in
+    fp32 when that fits in memory, else bfloat16, else not at all (then there is no TTFA ratio)."""
     try:
         import torch
 
@@ -174,30 +224,57 @@ def _torch_baseline(cfg: BenchConfig, bundle, threads: int, report: dict) -> dic
         raise OmniliteError(f"the torch baseline needs the bundle's source checkpoint: {e}") from None
     torch.set_num_threads(threads)
     ref = ReferencePipeline(ckpt)
+    n_params, available = ckpt.llm_parameters(), _available_memory_bytes()
+    dtype = _baseline_llm_dtype(n_params, available)
+    notes = []
+    if dtype is None:
+        notes.append(f"LLM not baselined: {n_params / 1e9:.1f} B parameters need {2 * n_params / 2**30:.1f} GiB even in "
+                     f"bfloat16, {available / 2**30:.1f} GiB free")
+    elif dtype != torch.float32:
+        notes.append(f"LLM in bfloat16: the fp32 reference needs {4 * n_params / 2**30:.1f} GiB, "
+                     f"{available / 2**30:.1f} GiB free")
+        ref.__dict__["llm"] = ckpt.llm(dtype)  # in place of the fp32 cached property
     raw, rate = read_wav(cfg.input)
     audio = prepare_speech(raw, rate, 16000)
     rows = []
     with torch.no_grad():
         for i in range(cfg.warmup + cfg.runs):
+            row = {}
             t0 = time.perf_counter()
             _, emb = ref.speech_embeddings(audio, pad_to_30s=cfg.encoder_mode == "exact")
-            t1 = time.perf_counter()
-            tokens, hidden = greedy_decode(ref.llm, ref.prompt.prefix_ids, emb, ref.prompt.suffix_ids,
-                                           cfg.max_new_tokens, ref.eos_ids, ignore_eos=True)
-            t2 = time.perf_counter()
+            row["encoder"] = time.perf_counter() - t0
+            if dtype is None:  # the other stages on a forced-length reply's worth of zero hidden states
+                hidden = torch.zeros(cfg.max_new_tokens, ckpt.config["hidden_size"])
+            else:
+                t = time.perf_counter()
+                _, hidden = greedy_decode(ref.llm, ref.prompt.prefix_ids, emb, ref.prompt.suffix_ids,
+                                          cfg.max_new_tokens, ref.eos_ids, ignore_eos=True)
+                row["llm"] = time.perf_counter() - t
+            t = time.perf_counter()
             units = ref.generator.predict(hidden)
-            t3 = time.perf_counter()
+            row["speech_generator"] = time.perf_counter() - t
+            t = time.perf_counter()
             wav = ref.vocoder(torch.tensor([units]))[0].numpy() if units else np.zeros(0)
-            t4 = time.perf_counter()
+            row["vocoder"] = time.perf_counter() - t
+            row["rtf"] = (row["speech_generator"] + row["vocoder"]) / max(len(wav) / 16000, 1e-9)
+            if dtype is not None:
+                row["ttfa"] = sum(row[k] for k in ("encoder", "llm", "speech_generator", "vocoder"))
             if i >= cfg.warmup:
-                rows.append({"encoder": t1 - t0, "llm": t2 - t1, "speech_generator": t3 - t2, "vocoder": t4 - t3,
-                             "ttfa": t4 - t0, "rtf": (t4 - t2) / max(len(wav) / 16000, 1e-9)})
-    out = {k: _pct([r[k] for r in rows]) for k in ("encoder", "llm", "speech_generator", "vocoder", "ttfa")}
+                rows.append(row)
+    out = {k: _pct([r[k] for r in rows]) for k in ("encoder", "llm", "speech_generator", "vocoder", "ttfa") if k in rows[0]}
     out["rtf"] = float(np.median([r["rtf"] for r in rows]))
     ours = report["latency"]["overlapped"]
-    out["ratio_ttfa"] = ours["ttfa"]["p50_ms"] / out["ttfa"]["p50_ms"]
+    if "ttfa" in out:
+        out["ratio_ttfa"] = ours["ttfa"]["p50_ms"] / out["ttfa"]["p50_ms"]
     out["ratio_rtf"] = ours["rtf"] / out["rtf"]
     out["threads"] = threads
+    out["llm_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else None
+    out["notes"] = notes
+    stages = report["stages"]
+    out["stage_ratios"] = {s: stages[s]["p50_ms"] / out[s]["p50_ms"] for s in ("encoder", "speech_generator", "vocoder")
+                           if s in stages and s in out}
+    if "llm" in out and "llm_prefill" in stages:
+        out["stage_ratios"]["llm"] = (stages["llm_prefill"]["p50_ms"] + stages["llm_decode"]["p50_ms"]) / out["llm"]["p50_ms"]
     return out
 
 
@@ -230,11 +307,45 @@ def markdown(r: dict) -> str:
                      f"{lat['ttfa']['p50_ms']:.1f} | {lat['ttfa']['p95_ms']:.1f} | {lat['rtf']:.3f} |")
     lines += ["", f"overlapped / sequential TTFA: {r['overlap_ttfa_ratio']:.2f}; "
                   f"stage sum / wall (sequential): {r['stage_sum_over_wall']:.3f}"]
+    if "estimates" in r:
+        lines += _estimate_markdown(r["estimates"])
     if "baseline" in r:
         b = r["baseline"]
-        lines += ["", f"PyTorch reference (same checkpoint, {b['threads']} threads): TTFA p50 {b['ttfa']['p50_ms']:.1f} ms, "
-                      f"RTF {b['rtf']:.3f}; omnilite / torch: TTFA {b['ratio_ttfa']:.3f}, RTF {b['ratio_rtf']:.3f}"]
+        ttfa = (f"TTFA p50 {b['ttfa']['p50_ms']:.1f} ms, " if "ttfa" in b else "")
+        lines += ["", f"PyTorch reference (same checkpoint, {b['threads']} threads, LLM {b.get('llm_dtype') or 'skipped'}): "
+                      f"{ttfa}RTF {b['rtf']:.3f}; omnilite / torch: "
+                      + (f"TTFA {b['ratio_ttfa']:.3f}, " if "ratio_ttfa" in b else "") + f"RTF {b['ratio_rtf']:.3f}"]
+        if b.get("stage_ratios"):
+            lines.append("per stage (omnilite sequential p50 / torch p50): "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in b["stage_ratios"].items()))
+        lines += [f"note: {n}" for n in b.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def _estimate_markdown(e: dict) -> list[str]:
+    c = e["check_on_this_host"]
+    stages = list(c["stages_ms"])
+    lines = ["", "## Estimates (roofline over the measured work; not measurements)", "",
+             f"Checked on this host ({c['figures']['fp32_gflops']:.0f} GFLOP/s fp32, "
+             f"{c['figures']['bandwidth_gbps']:.1f} GB/s, measured): predicted TTFA {c['ttfa_ms']:.1f} ms vs measured "
+             f"{c['measured_ttfa_ms']:.1f} ms (sequential p50): error {c['ttfa_error']:+.1%}.", "",
+             "| stage | work GFLOP (fp32 / int8) | GB moved | predicted here ms | measured ms | error |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        w = e["work"].get(s)
+        flops = f"{w['flops_fp32'] / 1e9:.2f} / {w['flops_int8'] / 1e9:.2f}" if w else "(scaled)"
+        gb = f"{w['bytes'] / 1e9:.3f}" if w else "-"
+        meas = c["measured_stages_ms"].get(s)
+        err = c["stage_error"].get(s)
+        lines.append(f"| {s} | {flops} | {gb} | {c['stages_ms'][s]:.1f} | "
+                     f"{'-' if meas is None else f'{meas:.1f}'} | {'-' if err is None else f'{err:+.0%}'} |")
+    if e["profiles"]:
+        lines += ["", "| profile (estimate) | " + " | ".join(stages) + " | TTFA ms |",
+                  "|---|" + "---:|" * (len(stages) + 1)]
+        for name, est in e["profiles"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{est['stages_ms'].get(s, 0):.1f}" for s in stages)
+                         + f" | {est['ttfa_ms']:.1f} |")
+    return lines
 
 
 def waterfall_png(done: Done, path: Path, report: dict) -> None:

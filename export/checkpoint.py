@@ -96,8 +96,10 @@ class LazyTensor:
         return self.source[self.name].to(torch.float32).numpy().astype(dtype or np.float32, copy=False)
 
 
-def _check_and_load(module: torch.nn.Module, source: Mapping, prefix: str, file_of, what: str, skip: set[str] = frozenset()) -> None:
-    """Copy `prefix + name` tensors into `module`, refusing missing or misshaped tensors."""
+def _check_and_load(module: torch.nn.Module, source: Mapping, prefix: str, file_of, what: str, skip: set[str] = frozenset(),
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Copy `prefix + name` tensors into `module` as `dtype`, refusing missing or misshaped tensors.
+    A module built on the meta device takes the loaded tensors as its parameters (no second copy)."""
     expected = module.state_dict()
     loaded = {}
     for name, ref in expected.items():
@@ -116,8 +118,8 @@ def _check_and_load(module: torch.nn.Module, source: Mapping, prefix: str, file_
                 f"{file_of(full)}: tensor '{full}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)} "
                 f"from the {what} config; the checkpoint does not match its config.json."
             )
-        loaded[name] = t.to(torch.float32)
-    module.load_state_dict(loaded, strict=True)
+        loaded[name] = t.to(dtype)
+    module.load_state_dict(loaded, strict=True, assign=any(p.is_meta for p in module.parameters()))
 
 
 @dataclass
@@ -190,13 +192,25 @@ class LlamaOmniCheckpoint:
         _check_and_load(adapter, self.tensors, "model.speech_projector.", self.tensors.file_of, "speech projector")
         return EncoderWithAdapter(encoder, adapter).eval()
 
-    def llm(self) -> LlamaForCausalLM:
-        model = LlamaForCausalLM(self.llm_config)
+    def llm(self, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+        """The reference LLM in fp32 (parity), or in bfloat16 where fp32 does not fit in memory (the
+        benchmark baseline of an 8B model): built on the meta device, so only the loaded weights exist."""
         skip = {"lm_head.weight"} if self.llm_config.tie_word_embeddings else set()
-        _check_and_load(model, self.tensors, "", self.tensors.file_of, "Llama LLM", skip=skip)
+        if dtype == torch.float32:
+            model = LlamaForCausalLM(self.llm_config)
+            _check_and_load(model, self.tensors, "", self.tensors.file_of, "Llama LLM", skip=skip)
+        else:
+            with torch.device("meta"):
+                model = LlamaForCausalLM(self.llm_config)
+            _check_and_load(model, self.tensors, "", self.tensors.file_of, "Llama LLM", dtype=dtype)
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=self.llm_config)  # its buffers were meta
         if skip:
             model.tie_weights()
         return model.eval()
+
+    def llm_parameters(self) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in LlamaForCausalLM(self.llm_config).parameters())
 
     def llm_tensors(self) -> dict[str, "LazyTensor"]:
         """HF-named LLM tensors for the GGUF writer: each is read (as float32) only when converted,

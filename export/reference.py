@@ -36,6 +36,7 @@ def greedy_decode(
 ) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding from spliced input embeddings with a KV cache; returns tokens and hidden states."""
     embed = llm.get_input_embeddings()
+    speech_embeds = speech_embeds.to(embed.weight.dtype)  # a bfloat16 baseline LLM takes bf16 inputs
     inputs = torch.cat(
         [embed(torch.tensor([prefix_ids])), speech_embeds.reshape(1, -1, speech_embeds.shape[-1]), embed(torch.tensor([suffix_ids]))],
         dim=1,
@@ -51,7 +52,7 @@ def greedy_decode(
             break
         out = llm.model(inputs_embeds=embed(torch.tensor([[token]])), past_key_values=past, use_cache=True)
         past, last = out.past_key_values, out.last_hidden_state[:, -1]
-    return tokens, torch.stack(hidden)
+    return tokens, torch.stack(hidden).float()
 
 
 class ReferencePipeline:

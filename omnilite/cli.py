@@ -387,7 +387,7 @@ def cmd_bench(args) -> int:
     report = run_bench(BenchConfig(
         bundle=Path(args.bundle), input=Path(args.input) if args.input else DEMO_QUESTION, out_dir=Path(args.out_dir),
         runs=args.runs, warmup=args.warmup, max_new_tokens=args.max_new_tokens, profile=args.profile,
-        baseline=args.baseline, encoder_mode=args.encoder_mode,
+        baseline=args.baseline, encoder_mode=args.encoder_mode, estimate=tuple(args.estimate or ()),
     ))
     from omnilite.benchmarks.bench import markdown
 
@@ -539,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=64, help="forced reply length (EOS is ignored)")
     s.add_argument("--encoder-mode", default="exact", help="encoder mode to measure (default exact)")
     s.add_argument("--baseline", choices=("torch",), help="also run the PyTorch reference in the same run")
+    s.add_argument("--estimate", action="append", metavar="PROFILE",
+                   help="estimate per-stage times and TTFA on PROFILE (repeatable; 'all': every built-in profile) "
+                        "from the work measured here; the model is checked against this host's own measurement")
     s.add_argument("--out-dir", default="bench-out")
     s.set_defaults(func=cmd_bench)
 

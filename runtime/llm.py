@@ -227,6 +227,13 @@ class LlamaCppLLM:
 
     # --- text --------------------------------------------------------------------------------
 
+    def shape(self) -> dict[str, int]:
+        """Sizes llama.cpp reports (parameters, bytes of weights, layers, heads): what a cost model needs."""
+        m = self._model
+        return {"n_params": int(llama_cpp.llama_model_n_params(m)), "size_bytes": int(llama_cpp.llama_model_size(m)),
+                "n_layer": llama_cpp.llama_model_n_layer(m), "n_head": llama_cpp.llama_model_n_head(m),
+                "n_head_kv": llama_cpp.llama_model_n_head_kv(m), "n_embd": self.n_embd, "n_vocab": self.n_vocab}
+
     def token_piece(self, token_id: int) -> bytes:
         """Raw bytes of one token (may be part of a UTF-8 character); special tokens give b''."""
         self._open()

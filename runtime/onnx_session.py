@@ -18,6 +18,8 @@ class SessionOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0  # 0: let onnxruntime decide
     extra: dict = field(default_factory=dict)
+    # Benchmarks only: write ONNX Runtime's per-node profile (shapes, bytes) under this directory.
+    profile_dir: str | None = None
 
 
 def open_session(path: Path, options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
@@ -36,6 +38,9 @@ def open_session(path: Path, options: SessionOptions = SessionOptions()) -> ort.
     so.log_severity_level = 3
     # Spinning worker threads would steal the cores llama.cpp decodes on between our calls.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if options.profile_dir:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(options.profile_dir) / Path(path).stem)
     try:
         return ort.InferenceSession(str(path), so, providers=[p for p in options.providers if p in available])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a bad model file

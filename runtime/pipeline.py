@@ -78,6 +78,7 @@ class PipelineConfig:
     queue_size: int = 4
     event_queue_size: int = 256  # events waiting for the caller (text, audio chunks)
     n_ctx: int | None = None  # LLM context positions; None: one turn (prompt + 30 s of speech + reply), >= 2048
+    profile_dir: str | None = None  # benchmarks: ONNX Runtime per-node profiles go here (see benchmarks/cost.py)
 
     def threads_for(self, stage: str) -> int | None:
         return self.stage_threads.get(stage, self.threads)
@@ -140,7 +141,8 @@ class Pipeline:
         self.bundle = bundle
         self.config = config
         def ort_for(stage: str) -> SessionOptions:
-            return SessionOptions(providers=config.providers, intra_op_threads=config.threads_for(stage) or 0)
+            return SessionOptions(providers=config.providers, intra_op_threads=config.threads_for(stage) or 0,
+                                  profile_dir=config.profile_dir)
 
         self.encoder = SpeechEncoder(bundle, ort_for("encoder"))
         llm_cfg = bundle["llm"]

@@ -3,7 +3,6 @@ with PyTorch's own FLOP counter on the same modules, and the roofline arithmetic
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -10,16 +10,13 @@ import numpy as np
 import torch
 
 from omnilite.runtime.bundle import load_bundle
-from omnilite.runtime.encoder import ENCODER_MODES, SpeechEncoder
 from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
-from omnilite.runtime.mel import LogMel
 from omnilite.runtime.metrics import cosine_rows, relative_max_error, snr_db
 from omnilite.runtime.omni2.flow import FlowDecoder
 from omnilite.runtime.omni2.hift import HiFTVocoder
 from omnilite.runtime.omni2.tts import TTSWriter
 
-from ..parity import _prefix_agreement, fixed_audio
-from ..speech_encoder import log_mel_torch, padding_cache, reference_mode_embeddings
+from ..parity import _prefix_agreement, fixed_audio, mel_and_encoder_parity
 from .reference import Omni2ReferencePipeline, rw_chunks
 
 PARITY_TOKENS = 32
@@ -59,24 +56,7 @@ def measure_parity(ref: Omni2ReferencePipeline, bundle_dir: Path) -> dict:
     audio = fixed_audio()
     report: dict = {"input": "fixed synthetic 3 s signal (seed 1234)", "tokens": PARITY_TOKENS}
 
-    mel_ref = log_mel_torch(torch.from_numpy(audio), ref.n_mels).numpy()
-    err = float(np.max(np.abs(mel_ref - LogMel(ref.n_mels)(audio))))
-    report["mel"] = {"max_abs_error": err, "threshold": THRESHOLDS["mel_max_abs"], "ok": err <= THRESHOLDS["mel_max_abs"]}
-
-    encoder = SpeechEncoder(bundle)
-    enc = {}
-    for mode, pad in (("exact", True), ("unpadded", False)):
-        mel, emb_ref = ref.speech_embeddings(audio, pad_to_30s=pad)
-        enc[mode] = relative_max_error(emb_ref.numpy(), encoder.embed(mel.numpy()))
-    # Every other encoder mode (the default is a +fill one): same windows and numpy mel on both
-    # sides, the PyTorch stage per window.
-    padding = padding_cache(ref.encoder, ref.n_mels, encoder.max_frames)
-    for mode in ENCODER_MODES:
-        if mode not in enc:
-            emb_ref = reference_mode_embeddings(ref.encoder, audio, mode, ref.n_mels, encoder.frames_per_position, padding)
-            enc[mode] = relative_max_error(emb_ref, encoder(audio, mode))
-    report["encoder"] = {"rel_max_error": enc, "threshold": THRESHOLDS["encoder_rel_max"],
-                         "ok": max(enc.values()) <= THRESHOLDS["encoder_rel_max"]}
+    report.update(mel_and_encoder_parity(ref, bundle, audio))
 
     _, emb = ref.speech_embeddings(audio)
     tokens_ref, hidden_ref = ref.text(emb, PARITY_TOKENS, ignore_eos=True)

@@ -129,6 +129,34 @@ def _convert(hf_name: str, w: np.ndarray, config: Mapping, out_dtype: type) -> n
     return np.ascontiguousarray(w.astype(out_dtype if w.ndim == 2 else np.float32, copy=False))
 
 
+def _vocab(tok: dict, vocab_size: int) -> tuple[list[str], list[gguf.TokenType], list[str]]:
+    """One (text, type) per embedding row, and the names of tokenizer ids past the last row."""
+    ids: dict[int, tuple[str, gguf.TokenType]] = {i: (t, gguf.TokenType.NORMAL) for t, i in tok["model"]["vocab"].items()}
+    for added in tok.get("added_tokens", []):
+        ids[added["id"]] = (added["content"], gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
+    rows = [ids.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(vocab_size)]
+    return [t for t, _ in rows], [k for _, k in rows], [ids[i][0] for i in sorted(ids) if i >= vocab_size]
+
+
+def writer_tokens(tok: dict, vocab_size: int) -> list[str]:
+    return _vocab(tok, vocab_size)[0]
+
+
+def add_bpe_vocab(writer: gguf.GGUFWriter, tok: dict, vocab_size: int, pre: str) -> list[str]:
+    """A byte-level BPE tokenizer.json -> GGUF "gpt2" vocabulary with llama.cpp pre-tokenizer `pre`.
+    The token list has exactly one entry per embedding row (llama.cpp refuses anything else); the
+    names of tokenizer ids past the last row, which are dropped, are returned."""
+    tokens, types, extra = _vocab(tok, vocab_size)
+    # tokenizers saves merges either as "a b" strings or as [a, b] pairs.
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    return extra
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, config: Mapping) -> None:
     """Llama-3 tokenizer.json (byte-level BPE + added special tokens) -> GGUF "gpt2" vocabulary."""
     tok_path = tokenizer_dir / "tokenizer.json"
@@ -140,29 +168,11 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, config: Mapping
     tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
 
     vocab_size = config["vocab_size"]
-    ids: dict[int, tuple[str, gguf.TokenType]] = {i: (t, gguf.TokenType.NORMAL) for t, i in tok["model"]["vocab"].items()}
-    for added in tok.get("added_tokens", []):
-        ids[added["id"]] = (added["content"], gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
-    # The token list must have exactly one entry per embedding row, else llama.cpp refuses the file.
-    extra = sorted(i for i in ids if i >= vocab_size)
+    extra = add_bpe_vocab(writer, tok, vocab_size, pre="llama-bpe")  # Llama-3's pre-tokenizer regex
     if extra:
-        log.warning("gguf: dropping %d tokenizer ids >= vocab_size %d (no embedding row): %s",
-                    len(extra), vocab_size, [ids[i][0] for i in extra])
-    tokens, types = [], []
-    for i in range(vocab_size):
-        text, kind = ids.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
-        tokens.append(text)
-        types.append(kind)
-
-    # tokenizers saves merges either as "a b" strings or as [a, b] pairs.
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+        log.warning("gguf: dropping %d tokenizer ids >= vocab_size %d (no embedding row): %s", len(extra), vocab_size, extra)
+    tokens = writer_tokens(tok, vocab_size)
     by_text = {t: i for i, t in enumerate(tokens)}
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")  # Llama-3's pre-tokenizer regex
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
 
     def special_id(key: str):  # config.json's id, else the token named in tokenizer_config.json
         value = config.get(f"{key}_id")

@@ -27,7 +27,7 @@ import numpy as np
 
 from omnilite.runtime.errors import CheckpointError
 
-from ..gguf_llm import _add_hparams
+from ..gguf_llm import _add_hparams, add_bpe_vocab, writer_tokens
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +73,11 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int
     tok = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     cfg_path = tokenizer_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-    ids: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in tok["model"]["vocab"].items()}
-    for a in tok.get("added_tokens", []):
-        ids[a["id"]] = (a["content"], gguf.TokenType.CONTROL if a["special"] else gguf.TokenType.USER_DEFINED)
-    extra = [i for i in ids if i >= vocab_size]
+    tokens = writer_tokens(tok, vocab_size)
+    extra = add_bpe_vocab(writer, tok, vocab_size, pre="qwen2")
     if extra:
         raise CheckpointError(f"{tokenizer_dir} has {len(extra)} token ids beyond the model's {vocab_size} embedding rows; "
                               "the tokenizer does not belong to this model.")
-    tokens, types = [], []
-    for i in range(vocab_size):
-        text, kind = ids.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
-        tokens.append(text)
-        types.append(kind)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
     writer.add_eos_token_id(int(eos_id))
     by_text = {t: i for i, t in enumerate(tokens)}
     pad = cfg.get("pad_token")

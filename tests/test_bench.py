@@ -28,5 +28,17 @@ def test_bench_writes_json_markdown_and_waterfall(bundle, tmp_path, capsys):
     b = r["baseline"]
     assert b["ttfa"]["p50_ms"] > 0 and b["ratio_ttfa"] > 0 and b["threads"] == r["profile"]["threads"]
     md = (out / "bench.md").read_text()
-    assert "| llm_decode |" in md and "omnilite / torch" in md
+    assert "| llm_decode |" in md and "omnilite (overlapped) / torch" in md
+    assert b["llm_dtype"] == "float32" and set(b["stage_ratios"]) == {"encoder", "speech_generator", "vocoder", "llm"}
     assert (out / "waterfall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baseline_llm_precision_follows_free_memory():
+    import torch
+
+    from omnilite.benchmarks.bench import _baseline_llm_dtype
+
+    eight_b, gib = 8_030_000_000, 2**30
+    assert _baseline_llm_dtype(eight_b, 48 * gib) == torch.float32
+    assert _baseline_llm_dtype(eight_b, 20 * gib) == torch.bfloat16  # this 24 GiB machine, after the other stages
+    assert _baseline_llm_dtype(eight_b, 12 * gib) is None

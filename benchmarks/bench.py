@@ -108,6 +108,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     # The baseline runs first, in a process that holds nothing else yet: the PyTorch reference of an
     # 8B model needs most of the machine's memory.
     baseline = _torch_baseline(cfg, bundle, threads) if cfg.baseline == "torch" else None
+    gc.collect()  # hand the reference's memory back before omnilite loads
 
     t = time.perf_counter()
     # One pipeline, both modes (a per-call option): peak RSS is one pipeline's, as in an application.
@@ -221,8 +222,9 @@ def _baseline_llm_dtype(n_params: int, available: int):
 
 def _torch_baseline(cfg: BenchConfig, bundle, threads: int) -> dict:
     """The PyTorch reference on the bundle's source checkpoint: it answers offline (the whole reply,
-    then units, then audio), so its first audio sample is ready when everything is. The LLM runs in
-    fp32 when that fits in memory, else bfloat16, else not at all (then there is no TTFA ratio)."""
+    then units, then audio), so its first audio sample is ready when everything is, and its TTFA is
+    the sum of its stages. The LLM runs in fp32 when that fits in memory, else bfloat16, else not at
+    all (then there is no TTFA ratio)."""
     try:
         import torch
 
@@ -237,50 +239,52 @@ def _torch_baseline(cfg: BenchConfig, bundle, threads: int) -> dict:
         raise OmniliteError(f"the torch baseline needs the bundle's source checkpoint: {e}") from None
     torch.set_num_threads(threads)
     ref = ReferencePipeline(ckpt)
+    raw, rate = read_wav(cfg.input)
+    audio = prepare_speech(raw, rate, 16000)
+    n = cfg.warmup + cfg.runs
+    rows: list[dict] = [{} for _ in range(n)]
+
+    def timed(stage: str, fn):
+        """Run one stage n times on the previous stage's output, then drop its weights: the stages
+        wait for each other anyway (offline), and one at a time an 8B LLM fits beside nothing else."""
+        result = None
+        with torch.no_grad():
+            for row in rows:
+                t = time.perf_counter()
+                result = fn()
+                row[stage] = time.perf_counter() - t
+        ref.release(stage)
+        gc.collect()
+        return result
+
+    _, emb = timed("encoder", lambda: ref.speech_embeddings(audio, pad_to_30s=cfg.encoder_mode == "exact"))
     n_params, available = ckpt.llm_parameters(), _available_memory_bytes()
     dtype = _baseline_llm_dtype(n_params, available)
     notes = []
     if dtype is None:
         notes.append(f"LLM not baselined: {n_params / 1e9:.1f} B parameters need {2 * n_params / 2**30:.1f} GiB even in "
                      f"bfloat16, {available / 2**30:.1f} GiB free")
-    elif dtype != torch.float32:
-        notes.append(f"LLM in bfloat16: the fp32 reference needs {4 * n_params / 2**30:.1f} GiB, "
-                     f"{available / 2**30:.1f} GiB free")
+        # The later stages then run on a forced-length reply's worth of random hidden states.
+        hidden = torch.randn(cfg.max_new_tokens, ckpt.config["hidden_size"], generator=torch.Generator().manual_seed(0))
+    else:
+        if dtype != torch.float32:
+            notes.append(f"LLM in bfloat16: the fp32 reference needs {4 * n_params / 2**30:.1f} GiB, "
+                         f"{available / 2**30:.1f} GiB free")
         ref.__dict__["llm"] = ckpt.llm(dtype)  # in place of the fp32 cached property
-    raw, rate = read_wav(cfg.input)
-    audio = prepare_speech(raw, rate, 16000)
-    rows = []
-    with torch.no_grad():
-        for i in range(cfg.warmup + cfg.runs):
-            row = {}
-            t0 = time.perf_counter()
-            _, emb = ref.speech_embeddings(audio, pad_to_30s=cfg.encoder_mode == "exact")
-            row["encoder"] = time.perf_counter() - t0
-            if dtype is None:  # the other stages on a forced-length reply's worth of random hidden states
-                hidden = torch.randn(cfg.max_new_tokens, ckpt.config["hidden_size"], generator=torch.Generator().manual_seed(0))
-            else:
-                t = time.perf_counter()
-                _, hidden = greedy_decode(ref.llm, ref.prompt.prefix_ids, emb, ref.prompt.suffix_ids,
-                                          cfg.max_new_tokens, ref.eos_ids, ignore_eos=True)
-                row["llm"] = time.perf_counter() - t
-            t = time.perf_counter()
-            units = ref.generator.predict(hidden)
-            row["speech_generator"] = time.perf_counter() - t
-            t = time.perf_counter()
-            wav = ref.vocoder(torch.tensor([units]))[0].numpy() if units else np.zeros(0)
-            row["vocoder"] = time.perf_counter() - t
-            row["rtf"] = (row["speech_generator"] + row["vocoder"]) / max(len(wav) / 16000, 1e-9)
-            if dtype is not None:
-                row["ttfa"] = sum(row[k] for k in ("encoder", "llm", "speech_generator", "vocoder"))
-            if i >= cfg.warmup:
-                rows.append(row)
+        _, hidden = timed("llm", lambda: greedy_decode(ref.llm, ref.prompt.prefix_ids, emb, ref.prompt.suffix_ids,
+                                                       cfg.max_new_tokens, ref.eos_ids, ignore_eos=True))
+    units = timed("speech_generator", lambda: ref.generator.predict(hidden))
+    wav = timed("vocoder", lambda: ref.vocoder(torch.tensor([units]))[0].numpy() if units else np.zeros(0))
+    for row in rows:
+        row["rtf"] = (row["speech_generator"] + row["vocoder"]) / max(len(wav) / 16000, 1e-9)
+        if dtype is not None:
+            row["ttfa"] = sum(row[k] for k in ("encoder", "llm", "speech_generator", "vocoder"))
+    rows = rows[cfg.warmup:]
     out = {k: _pct([r[k] for r in rows]) for k in ("encoder", "llm", "speech_generator", "vocoder", "ttfa") if k in rows[0]}
     out["rtf"] = float(np.median([r["rtf"] for r in rows]))
     out["threads"] = threads
     out["llm_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else None
     out["notes"] = notes
-    del ref, ckpt
-    gc.collect()  # hand the reference's memory back before omnilite loads
     return out
 
 

@@ -178,6 +178,11 @@ class LlamaOmniCheckpoint:
         self._whisper_state = ckpt_enc["model_state_dict"]
         return self
 
+    def release_whisper_state(self) -> None:
+        """Drop the whole-Whisper state dict (encoder and decoder, 3 GB for large-v3) once the
+        encoder is built; `speech_encoder` cannot be called again afterwards."""
+        self._whisper_state = None
+
     # ----- reference modules -----
     def speech_encoder(self) -> EncoderWithAdapter:
         d = self.whisper_dims
@@ -187,6 +192,8 @@ class LlamaOmniCheckpoint:
                 f"{self.config.get('speech_encoder_hidden_size')}; use the matching Whisper checkpoint."
             )
         encoder = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
+        if self._whisper_state is None:
+            raise CheckpointError("the Whisper weights were released after the encoder was built; open the checkpoint again.")
         _check_and_load(encoder, self._whisper_state, "encoder.", lambda _: str(self.encoder_path), "Whisper encoder")
         adapter = ConcatAdapter(self.config.get("speech_encoder_ds_rate", 5), d["n_audio_state"], self.config["hidden_size"])
         _check_and_load(adapter, self.tensors, "model.speech_projector.", self.tensors.file_of, "speech projector")

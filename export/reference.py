@@ -58,13 +58,28 @@ def greedy_decode(
 class ReferencePipeline:
     def __init__(self, ckpt: LlamaOmniCheckpoint):
         self.ckpt = ckpt
-        self.encoder = ckpt.speech_encoder()
-        self.generator = ckpt.speech_generator()
-        self.vocoder = ckpt.vocoder()
         self.prompt: SpeechPrompt = speech_prompt(ckpt.model_dir / "tokenizer.json")
         eos = ckpt.config.get("eos_token_id", [])
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self.n_mels = ckpt.whisper_dims["n_mels"]
+
+    # Stages load on first use and `release` drops one, so a benchmark can hold one stage at a time.
+    @cached_property
+    def encoder(self):
+        return self.ckpt.speech_encoder()
+
+    @cached_property
+    def generator(self):
+        return self.ckpt.speech_generator()
+
+    @cached_property
+    def vocoder(self):
+        return self.ckpt.vocoder()
+
+    def release(self, stage: str) -> None:
+        self.__dict__.pop(stage, None)
+        if stage == "encoder":
+            self.ckpt.release_whisper_state()
 
     @cached_property
     def llm(self):

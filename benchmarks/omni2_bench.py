@@ -34,8 +34,6 @@ import json
 import logging
 import os
 import platform
-import re
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +41,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+
+from .memory import peak_rss_bytes, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +65,11 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the process's RSS high-water mark (Linux: VmHWM), so the next peak is the next phase's."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    return reset_peak_rss()
 
 
 def _peak_rss_mb() -> float:
-    """VmHWM since the last reset (Linux), else the process's lifetime peak."""
-    try:
-        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-    except (OSError, AttributeError):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if platform.system() == "Darwin" else rss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def _load() -> dict:

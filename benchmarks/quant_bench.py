@@ -35,12 +35,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
 from omnilite.runtime.bundle import Bundle, load_bundle
+
+from .streaming import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,7 @@ REAL_LAYERS = 32
 
 
 def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "cpu": _cpu_name(), "cores": str(os.cpu_count())}
-    for pkg in ("numpy", "onnxruntime", "llama_cpp_python"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return {**package_versions(), "cpu": _cpu_name(), "cores": str(os.cpu_count())}
 
 
 def _cpu_name() -> str:

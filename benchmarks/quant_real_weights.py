@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from omnilite.quant.accuracy import until_eos
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +83,7 @@ def llm_report(work: Path, tokens: int, threads: int | None) -> dict:
 
             greedy, logits, _ = greedy_with_logits(llm, first(), tokens)
             forced = teacher_forced(llm, first(), ref_tokens[i])[0] if ref_tokens else logits
-            out.append({"greedy": greedy, "logits": forced, "text": llm.detokenize(_until_eos(greedy, llm.eos_ids))})
+            out.append({"greedy": greedy, "logits": forced, "text": llm.detokenize(until_eos(greedy, llm.eos_ids))})
         return out
 
     with LlamaCppLLM(ref_path, LLMConfig(n_ctx=512, n_threads=threads, kv_cache="f32")) as llm:
@@ -109,15 +111,6 @@ def llm_report(work: Path, tokens: int, threads: int | None) -> dict:
 def _clean(tokens_text: str) -> str:
     """Byte-level BPE token strings (space-separated, "Ġ" for a space) -> plain text."""
     return "".join(tokens_text.split(" ")).replace("Ġ", " ").strip() if "Ġ" in tokens_text else tokens_text
-
-
-def _until_eos(tokens: list[int], eos) -> list[int]:
-    out = []
-    for t in tokens:
-        if t in eos:
-            break
-        out.append(t)
-    return out
 
 
 def _speech_clips(speech_dir: Path | None) -> list[tuple[str, np.ndarray]]:

@@ -47,7 +47,8 @@ class StreamingBench:
     threads: int | None = None
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Python and the packages whose speed the benchmarks measure."""
     out = {"python": platform.python_version()}
     for pkg in ("numpy", "onnxruntime", "llama_cpp_python"):
         try:
@@ -71,7 +72,7 @@ def run(bundle: str | Path, bench: StreamingBench = StreamingBench(), question: 
         # Load average: other processes on a shared machine slow both modes, not always alike.
         "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
                  "loadavg_1m_before": os.getloadavg()[0]},
-        "versions": _versions(),
+        "versions": package_versions(),
         # llama.cpp's CPU backend in the PyPI wheel runs on OpenMP: whether its idle workers spin
         # (the default) or sleep changes how it shares cores with onnxruntime, so it is recorded.
         "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")},

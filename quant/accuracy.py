@@ -169,7 +169,7 @@ def _open_llm(bundle: Bundle, n_ctx: int, threads: int | None) -> LlamaCppLLM:
     return LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=threads, kv_cache=kv))
 
 
-def _until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
+def until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
     out = []
     for t in tokens:
         if t in eos:
@@ -240,7 +240,7 @@ def _llm_section(quantized: Bundle, reference: Bundle, emb_ref: np.ndarray, emb_
     n_ctx = max(512, len(prompt["prefix_ids"]) + len(emb_ref) + len(prompt["suffix_ids"]) + n + 16)
     with _open_llm(reference, n_ctx, options.threads) as llm:
         tok_ref, logits_ref, hidden_ref = greedy_with_logits(llm, _prefill(llm, prompt, emb_ref), n)
-        text_ref = llm.detokenize(_until_eos(tok_ref, eos))
+        text_ref = llm.detokenize(until_eos(tok_ref, eos))
     same_llm = _same_file(quantized, reference, st)
     logits_q, hidden_q, tok_greedy, hidden_greedy, text_q = logits_ref, hidden_ref, tok_ref, hidden_ref, text_ref
     tok_e2e, hidden_e2e, text_e2e = tok_ref, hidden_ref, text_ref
@@ -249,14 +249,14 @@ def _llm_section(quantized: Bundle, reference: Bundle, emb_ref: np.ndarray, emb_
             if not same_llm:
                 logits_q, hidden_q = teacher_forced(llm, _prefill(llm, prompt, emb_ref), tok_ref)
                 tok_greedy, _, hidden_greedy = greedy_with_logits(llm, _prefill(llm, prompt, emb_ref), n)
-                text_q = llm.detokenize(_until_eos(tok_greedy, eos))
+                text_q = llm.detokenize(until_eos(tok_greedy, eos))
             if same_enc:  # the quantized chain sees the reference embeddings: its reply is the greedy one
                 tok_e2e, hidden_e2e = tok_greedy, hidden_greedy
             else:
                 tok_e2e, _, hidden_e2e = greedy_with_logits(llm, _prefill(llm, prompt, emb_q), n)
-            text_e2e = llm.detokenize(_until_eos(tok_e2e, eos))
+            text_e2e = llm.detokenize(until_eos(tok_e2e, eos))
     kl = kl_divergence(logits_ref, logits_q)
-    g_ref, g_q = _until_eos(tok_ref, eos), _until_eos(tok_greedy, eos)
+    g_ref, g_q = until_eos(tok_ref, eos), until_eos(tok_greedy, eos)
     divergence = next((i for i, (a, b) in enumerate(zip(tok_ref, tok_greedy)) if a != b), None)
     metrics = {
         "top1_agreement": float(np.mean(np.argmax(logits_q, axis=-1) == np.asarray(tok_ref))),
@@ -270,7 +270,7 @@ def _llm_section(quantized: Bundle, reference: Bundle, emb_ref: np.ndarray, emb_
     log.info("accuracy: llm top1 %.3f KL %.4f", metrics["top1_agreement"], metrics["mean_kl"])
     report = {"stage": st, **_judge("llm", quantized.stages[st].precision, metrics, options.tolerances, same_llm)}
     end_to_end = {
-        "text_identical": g_ref == _until_eos(tok_e2e, eos),
+        "text_identical": g_ref == until_eos(tok_e2e, eos),
         "tokens_agreeing_prefix": next((i for i, (a, b) in enumerate(zip(tok_ref, tok_e2e)) if a != b), n),
         "text_quantized": text_e2e[:160],
     }

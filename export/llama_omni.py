@@ -23,8 +23,9 @@ from omnilite import __version__
 from omnilite.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from omnilite.runtime.encoder import DEFAULT_FAST_MODE, EncoderMode
 from omnilite.runtime.errors import OmniliteError
+from omnilite.runtime.llm import default_flash_attn
 
-from .bundle_dir import record_parity, replace_dir
+from .bundle_dir import building_dir, record_parity
 from .checkpoint import LlamaOmniCheckpoint
 from .ctc_generator import CachedCTCStep
 from .gguf_llm import write_llama_gguf
@@ -60,15 +61,8 @@ def export_llama_omni(checkpoint: str | Path, out: str | Path, options: ExportOp
         raise OmniliteError(f"LLM dtype {options.llm_dtype!r} is not supported; use f32 or f16.")
     EncoderMode.parse(options.encoder_mode)  # a bad mode fails before any work
     ckpt = LlamaOmniCheckpoint.open(checkpoint, speech_encoder, vocoder)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building_dir(out) as tmp:  # locked against a second export to OUT; removed if the build fails
         _build(ckpt, tmp, options)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -131,7 +125,8 @@ def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, opti
         inputs, outputs = io_shapes(tmp / file) if fmt == "onnx" else ({"tokens_or_embeddings": ["n", ckpt.config["hidden_size"]]}, {"logits_and_hidden": ["n", "vocab+hidden"]})
         stages.append({"name": name, "file": file, "format": fmt, "precision": precision.get(file, "fp32"),
                        "sha256": sha256_file(tmp / file), "inputs": inputs, "outputs": outputs,
-                       "extra_files": {f: sha256_file(tmp / f) for f in side_files.get(file, [])}})
+                       "extra_files": {f: sha256_file(tmp / f) for f in side_files.get(file, [])}}
+                      | ({"flash_attn": default_flash_attn(options.llm_dtype)} if fmt == "gguf" else {}))
     c = ckpt.config
     return {
         "format_version": FORMAT_VERSION,
@@ -139,7 +134,8 @@ def _manifest(ckpt: LlamaOmniCheckpoint, ref: ReferencePipeline, tmp: Path, opti
         "created_by": f"omnilite {__version__}",
         "source": {
             "model_dir": str(ckpt.model_dir.resolve()),
-            "speech_encoder": str(ckpt.encoder_path.resolve()),
+            "speech_encoder": str(ckpt.encoder_path.resolve()) if ckpt.encoder_path else None,
+            "speech_encoder_weights": ckpt.encoder_source,
             "vocoder": str(ckpt.vocoder_dir.resolve()),
             "model_type": c["model_type"],
             "hidden_size": c["hidden_size"],

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from omnilite.runtime.errors import OmniliteError
 
-from .checkpoint import DEFAULT_ENCODER, DEFAULT_MODEL_DIR, DEFAULT_VOCODER_DIR, MODEL_TYPE, VOCODER_CKPT
+from .checkpoint import DEFAULT_ENCODER, DEFAULT_MODEL_DIR, DEFAULT_VOCODER_DIR, ENCODER_PREFIX, MODEL_TYPE, VOCODER_CKPT
 from .ctc_generator import SpeechGeneratorCTC
 from .speech_encoder import ConcatAdapter
 from .unit_vocoder import CodeHiFiGAN
@@ -193,7 +193,16 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
 
 
-def _whisper_state(dims: dict, init: _Init) -> dict[str, torch.Tensor]:
+def saved_encoder_state(dims: dict, init: _Init) -> dict[str, torch.Tensor]:
+    """The ``model.speech_encoder.*`` copy that ``save_pretrained`` writes into the model's safetensors
+    (Whisper names, no prefix). Its values differ from the ``.pt``'s (seeded by the saved names), as
+    after a fine-tune: a loader that reads the wrong copy gives other outputs."""
+    enc = {k[len("encoder."):]: v for k, v in _whisper_state(dims, init, decoder=False).items()}
+    redrawn = _fill({k: tuple(v.shape) for k, v in enc.items() if k != "positional_embedding"}, init, ENCODER_PREFIX)
+    return {k[len(ENCODER_PREFIX):]: v.half() for k, v in redrawn.items()} | {"positional_embedding": enc["positional_embedding"]}
+
+
+def _whisper_state(dims: dict, init: _Init, decoder: bool = True) -> dict[str, torch.Tensor]:
     n, nm, v, tctx = dims["n_audio_state"], dims["n_mels"], dims["n_vocab"], dims["n_text_ctx"]
 
     def block(p: str, cross: bool) -> dict[str, tuple[int, ...]]:
@@ -209,10 +218,11 @@ def _whisper_state(dims: dict, init: _Init) -> dict[str, torch.Tensor]:
     for i in range(dims["n_audio_layer"]):
         shapes |= block(f"encoder.blocks.{i}.", cross=False)
     shapes |= {"encoder.ln_post.weight": (n,), "encoder.ln_post.bias": (n,)}
-    shapes |= {"decoder.token_embedding.weight": (v, n), "decoder.positional_embedding": (tctx, n)}
-    for i in range(dims["n_text_layer"]):
-        shapes |= block(f"decoder.blocks.{i}.", cross=True)
-    shapes |= {"decoder.ln.weight": (n,), "decoder.ln.bias": (n,)}
+    if decoder:
+        shapes |= {"decoder.token_embedding.weight": (v, n), "decoder.positional_embedding": (tctx, n)}
+        for i in range(dims["n_text_layer"]):
+            shapes |= block(f"decoder.blocks.{i}.", cross=True)
+        shapes |= {"decoder.ln.weight": (n,), "decoder.ln.bias": (n,)}
     state = _fill(shapes, init)
     state["encoder.positional_embedding"] = sinusoids(dims["n_audio_ctx"], n)
     return {k: v.half() for k, v in state.items()}
@@ -265,7 +275,7 @@ def make_tiny_llama_omni(out: Path, shape: str = "tiny", seed: int = 0, overwrit
             shutil.copyfile(tok / f, model_dir / f)
         (model_dir / "special_tokens_map.json").write_text(json.dumps(
             {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, indent=2))
-        _write_hf_weights(model_dir, cfg, init)
+        _write_hf_weights(model_dir, cfg, init, saved_encoder_state(whisper_dims(s), init))
 
         enc = tmp / DEFAULT_ENCODER
         enc.parent.mkdir(parents=True)
@@ -287,8 +297,9 @@ def make_tiny_llama_omni(out: Path, shape: str = "tiny", seed: int = 0, overwrit
     return out / DEFAULT_MODEL_DIR
 
 
-def _write_hf_weights(model_dir: Path, cfg: dict, init: _Init) -> None:
-    """Two fp16 safetensors shards plus model.safetensors.index.json, as the release ships."""
+def _write_hf_weights(model_dir: Path, cfg: dict, init: _Init, encoder: dict[str, torch.Tensor]) -> None:
+    """fp16 safetensors shards plus model.safetensors.index.json, as the release ships: the LLM, then
+    the speech modules (``save_pretrained`` also writes the Whisper encoder, ``encoder``)."""
     llm_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
     with torch.device("meta"):
         llm = _shapes(LlamaForCausalLM(llm_cfg))
@@ -305,6 +316,7 @@ def _write_hf_weights(model_dir: Path, cfg: dict, init: _Init) -> None:
     # (full name, shape, prefix-free name, special) in file order; shards of <= 2 GB are filled one
     # at a time so that even the real 8B shape never holds more than one shard in memory.
     entries = [(k, v, "", llm_special) for k, v in llm.items()]
+    entries += [(ENCODER_PREFIX + k, tuple(t.shape), ENCODER_PREFIX, lambda n, _, t=t: t) for k, t in encoder.items()]
     entries += [("model.speech_projector." + k, v, "model.speech_projector.", None) for k, v in proj.items()]
     entries += [("speech_generator." + k, v, "speech_generator.", None) for k, v in ctc.items()]
     shards: list[list] = [[]]

@@ -26,6 +26,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import llama_cpp  # noqa: E402  (after the OpenMP setting above)
 
+from .bundle import Bundle
 from .errors import BundleError, OmniliteError
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,28 @@ class LLMConfig:
     n_threads: int | None = None  # None: all cores
     n_gpu_layers: int = 0
     n_batch: int = 512  # prefill piece size (tokens or embedding rows per llama_decode)
-    kv_cache: str = "f16"  # "f32" keeps an f32 GGUF exact against the fp32 reference; f16 halves memory
+    kv_cache: str = "f16"  # f16 halves the cache; an f32 GGUF is only exact with "f32" here and flash_attn "off"
+    # llama.cpp's flash attention accumulates in another order: with an F32 GGUF and an f32 cache it
+    # moved logits by 1e-2 and greedy ids within 10 tokens; "off" matches torch to ~1e-6.
+    flash_attn: str = "auto"  # "auto" (llama.cpp decides: on for CPU), "on" or "off"
 
 
 _KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}
+_FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
+def default_flash_attn(precision: str) -> str:
+    """An f32 GGUF is the exact path: plain attention, as torch computes it. Quantized types may
+    keep llama.cpp's choice (their own rounding dominates; the quantizer measures and records it)."""
+    return "off" if precision == "f32" else "auto"
+
+
+def stage_llm_config(bundle: Bundle, stage: str, **fields) -> LLMConfig:
+    """The KV cache type and attention kernel a bundle's GGUF stage was checked with at export."""
+    s = bundle.stages[stage]
+    return LLMConfig(kv_cache="f32" if s.precision == "f32" else "f16",
+                     flash_attn=s.flash_attn or default_flash_attn(s.precision), **fields)
+
 
 Output = tuple[np.ndarray, np.ndarray]  # (logits[n_vocab], hidden[n_embd]) of one position
 
@@ -89,6 +108,9 @@ class LlamaCppLLM:
         if config.kv_cache not in _KV_TYPES:
             raise OmniliteError(f"KV cache type {config.kv_cache!r} is not supported; use one of: {', '.join(_KV_TYPES)}.")
         cparams.type_k = cparams.type_v = _KV_TYPES[config.kv_cache]
+        if config.flash_attn not in _FLASH_ATTN:
+            raise OmniliteError(f"flash attention setting {config.flash_attn!r} is not supported; use one of: {', '.join(_FLASH_ATTN)}.")
+        cparams.flash_attn_type = _FLASH_ATTN[config.flash_attn]
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise OmniliteError(

@@ -37,7 +37,7 @@ from .bundle import Bundle, load_bundle
 from .encoder import SpeechEncoder
 from .errors import BundleError, OmniliteError
 from .events import AudioChunk, Done, Event, TextDelta, Timing
-from .llm import LlamaCppLLM, LLMConfig
+from .llm import LlamaCppLLM, stage_llm_config
 from .onnx_session import SessionOptions
 from .streaming import CancelToken, Cancelled, Channel, StageClock
 from .units import StreamingUnitGenerator
@@ -157,10 +157,8 @@ class Pipeline:
         if n_ctx < needed:
             raise OmniliteError(f"n_ctx={n_ctx} cannot hold one turn ({needed} positions with "
                                 f"max_new_tokens={config.max_new_tokens}); raise n_ctx or lower max_new_tokens.")
-        # An f32 LLM keeps its KV cache in f32 too, so the exact path stays exact.
-        kv = "f32" if bundle.stages["llm"].precision == "f32" else "f16"
-        self.llm = LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=config.threads_for("llm"),
-                                                             n_gpu_layers=config.n_gpu_layers, kv_cache=kv))
+        self.llm = LlamaCppLLM(bundle.file("llm"), stage_llm_config(bundle, "llm", n_ctx=n_ctx, n_threads=config.threads_for("llm"),
+                                                                    n_gpu_layers=config.n_gpu_layers))
         return ort_for, prompt
 
     @classmethod

@@ -11,10 +11,19 @@ Layout (ictnlp/LLaMA-Omni2 README)::
                                            spk2info.pt, CosyVoice-BlankEN/
 
 Tensor prefixes: the Qwen2 LLM at the top level (``model.*``, ``lm_head``), ``model.speech_encoder.*``
-(Whisper encoder, optional: the official model builds it from large-v3.pt and a full save repeats it),
-``model.speech_projector.linear{1,2}``, ``speech_generator.model.*`` (TTS Qwen2ForCausalLM),
-``speech_generator.input_proj.{0,2}``, ``speech_generator.gate.0``. Every tensor is shape-checked
-against its config; a mismatch names the tensor, the file and both shapes.
+(Whisper encoder), ``model.speech_projector.linear{1,2}``, ``speech_generator.model.*`` (TTS
+Qwen2ForCausalLM), ``speech_generator.input_proj.{0,2}``, ``speech_generator.gate.0``.
+
+Which file wins, as the official ``load_pretrained_model`` (``from_pretrained`` under the transformers
+it pins: build the model, then copy the checkpoint's tensors over it) leaves each group:
+- Whisper encoder: built from the ``.pt`` named by config.json ``speech_encoder`` (dims and weights),
+  then overwritten by ``model.speech_encoder.*`` from the safetensors; per tensor the safetensors copy
+  wins, the dims come from the ``.pt`` when it exists (``export.checkpoint.open_whisper_weights``).
+  ``--speech-encoder`` only says where that ``.pt`` is.
+- Qwen2.5 LLM, speech projector, TTS LM (``speech_generator.model.*``) and gate fusion: random init,
+  then the safetensors copy, their only source; a missing tensor is refused.
+- Flow and HiFT: ``cosy2_decoder/flow.pt`` and ``hift.pt`` only (loaded by the CosyVoice2 code).
+Every tensor is shape-checked against its config; a mismatch names the tensor, the file and both shapes.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from omnilite.runtime.errors import CheckpointError
 
-from ..checkpoint import LazyTensor, SafetensorsDir, _check_and_load, _torch_load
+from ..checkpoint import LazyTensor, SafetensorsDir, _check_and_load, _torch_load, open_whisper_weights, read_config
 from ..speech_encoder import AudioEncoder, ConcatAdapter, EncoderWithAdapter
 from ..unit_vocoder import fold_weight_norm
 from .cosy_yaml import load_cosyvoice_yaml
@@ -116,7 +125,7 @@ def _weight_norm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 class Omni2Checkpoint:
     model_dir: Path
     decoder_dir: Path
-    encoder_path: Path | None  # None: the speech encoder is inside the safetensors
+    encoder_path: Path | None  # the Whisper .pt read (None: the safetensors hold the whole encoder)
     config: dict
     llm_config: Qwen2Config = field(repr=False)
     tts_config: Qwen2Config = field(repr=False)
@@ -139,7 +148,7 @@ class Omni2Checkpoint:
                     f"{path} has no config.json (nor exactly one models/LLaMA-Omni2-*/config.json); pass the LLaMA-Omni2 model directory."
                 )
             model_dir = found[0].parent
-        config = json.loads((model_dir / "config.json").read_text())
+        config = read_config(model_dir / "config.json")
         mt = config.get("model_type")
         if mt == S2T_MODEL_TYPE:
             raise CheckpointError(f"{model_dir} is a speech-to-text LLaMA-Omni2 ({mt}) without a speech generator; use an omni2_speech2s_qwen2 release.")
@@ -158,38 +167,19 @@ class Omni2Checkpoint:
                 raise CheckpointError(f"{dec / f} ({what}) is missing; download ICTNLP/cosy2_decoder to models/cosy2_decoder or pass --decoder.")
         cosy = load_cosyvoice_yaml(dec / "cosyvoice.yaml")
         tensors = SafetensorsDir(model_dir)
-        encoder_path = None
-        has_encoder = any(n.startswith("model.speech_encoder.") for n in tensors)
-        if speech_encoder or not has_encoder:
-            named = Path(config.get("speech_encoder", ENCODER_FILE))
-            candidates = [Path(speech_encoder)] if speech_encoder else [named] + [r / named for r in roots] + [r / ENCODER_FILE for r in roots]
-            encoder_path = next((p for p in candidates if p.is_file()), candidates[0])
-            if not encoder_path.is_file():
-                raise CheckpointError(f"{encoder_path} (Whisper-large-v3 encoder) is missing; download it as the LLaMA-Omni2 README says or pass --speech-encoder.")
+        named = Path(config.get("speech_encoder", ENCODER_FILE))
+        candidates = [Path(speech_encoder)] if speech_encoder else [named] + [r / named for r in roots] + [r / ENCODER_FILE for r in roots]
+        whisper, dims = open_whisper_weights(tensors, next((p for p in candidates if p.is_file()), candidates[0]),
+                                             required=bool(speech_encoder))
         self = cls(
-            model_dir=model_dir, decoder_dir=dec, encoder_path=encoder_path, config=config,
+            model_dir=model_dir, decoder_dir=dec, encoder_path=whisper.pt_path, config=config,
             llm_config=qwen_config(config), tts_config=Qwen2Config(**{k: v for k, v in config["speech_generator"].items() if k not in ("model_type", "architectures")}),
             flow_config=flow_config(cosy, dec / "cosyvoice.yaml"), hift_config=hift_config(cosy, dec / "cosyvoice.yaml"),
             cosy=cosy, tensors=tensors,
         )
-        if encoder_path is not None:
-            ck = _torch_load(encoder_path)
-            if not isinstance(ck, dict) or "dims" not in ck or "model_state_dict" not in ck:
-                raise CheckpointError(f"{encoder_path} is not an openai-whisper checkpoint (no 'dims'/'model_state_dict'); pass large-v3.pt.")
-            self.whisper_dims = dict(ck["dims"])
-            self._whisper = (ck["model_state_dict"], "encoder.", lambda _: str(encoder_path))
-        else:
-            self.whisper_dims = self._dims_from_tensors()
-            self._whisper = (tensors, "model.speech_encoder.", tensors.file_of)
+        self.whisper_dims, self._whisper = dims, whisper
+        self.encoder_source = whisper.source()  # for the manifest and `omnilite info`
         return self
-
-    def _dims_from_tensors(self) -> dict:
-        t = self.tensors
-        n_state, n_mels, _ = t.shape("model.speech_encoder.conv1.weight")
-        layers = len({n.split(".")[3] for n in t if n.startswith("model.speech_encoder.blocks.")})
-        heads = {1280: 20, 1024: 16, 768: 12, 512: 8, 384: 6}.get(n_state, self.config.get("speech_encoder_num_heads", max(1, n_state // 64)))
-        return {"n_mels": n_mels, "n_audio_ctx": t.shape("model.speech_encoder.positional_embedding")[0],
-                "n_audio_state": n_state, "n_audio_head": heads, "n_audio_layer": layers}
 
     # ----- facts the exporter needs -----
     @property
@@ -235,10 +225,9 @@ class Omni2Checkpoint:
         d = self.whisper_dims
         width = self.config.get("speech_encoder_hidden_size", 1280)
         if d["n_audio_state"] != width:
-            raise CheckpointError(f"the Whisper encoder has width {d['n_audio_state']} but config.json says speech_encoder_hidden_size={width}; use the matching encoder.")
+            raise CheckpointError(f"the Whisper encoder ({self.encoder_source}) has width {d['n_audio_state']} but config.json says speech_encoder_hidden_size={width}; use the matching encoder.")
         enc = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
-        source, prefix, file_of = self._whisper
-        _check_and_load(enc, source, prefix, file_of, "Whisper encoder")
+        _check_and_load(enc, self._whisper, "", self._whisper.file_of, "Whisper encoder")
         adapter = ConcatAdapter(int(self.config.get("speech_encoder_ds_rate", 5)), d["n_audio_state"], self.config["hidden_size"])
         _check_and_load(adapter, self.tensors, "model.speech_projector.", self.tensors.file_of, "speech projector")
         return EncoderWithAdapter(enc, adapter).eval()

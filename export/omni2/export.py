@@ -35,8 +35,9 @@ from omnilite import __version__
 from omnilite.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from omnilite.runtime.encoder import DEFAULT_FAST_MODE, EncoderMode
 from omnilite.runtime.errors import OmniliteError
+from omnilite.runtime.llm import default_flash_attn
 
-from ..bundle_dir import record_parity, replace_dir
+from ..bundle_dir import building_dir, record_parity
 from ..onnx_export import export_onnx, io_shapes
 from ..speech_encoder import PADDING_CACHE_FILE, encoder_manifest, padding_cache
 from .checkpoint import Omni2Checkpoint
@@ -84,15 +85,8 @@ def export_llama_omni2(checkpoint: str | Path, out: str | Path, options: Omni2Ex
     EncoderMode.parse(options.encoder_mode)  # a bad mode fails before any work
     ckpt = Omni2Checkpoint.open(checkpoint, speech_encoder, decoder)
     speaker = _speaker_wav(speaker_wav)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building_dir(out) as tmp:  # locked against a second export to OUT; removed if the build fails
         _build(ckpt, speaker, tmp, options)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -206,7 +200,8 @@ def _manifest(ckpt: Omni2Checkpoint, ref: Omni2ReferencePipeline, tmp: Path, opt
             precision = "fp16" if arr.dtype == np.float16 else "fp32"
         stages.append({"name": name, "file": file, "format": fmt, "precision": precision, "sha256": sha256_file(tmp / file),
                        "inputs": inputs, "outputs": outputs,
-                       "extra_files": {f: sha256_file(tmp / f) for f in side_files.get(file, [])}})
+                       "extra_files": {f: sha256_file(tmp / f) for f in side_files.get(file, [])}}
+                      | ({"flash_attn": default_flash_attn(precision)} if fmt == "gguf" else {}))
     specials = ckpt.tts_specials()
     units = specials["units"]
     first = min(units)
@@ -219,7 +214,8 @@ def _manifest(ckpt: Omni2Checkpoint, ref: Omni2ReferencePipeline, tmp: Path, opt
         "source": {
             "model_dir": str(ckpt.model_dir.resolve()),
             "decoder_dir": str(ckpt.decoder_dir.resolve()),
-            "speech_encoder": str(ckpt.encoder_path.resolve()) if ckpt.encoder_path else "model.speech_encoder.* in the safetensors",
+            "speech_encoder": str(ckpt.encoder_path.resolve()) if ckpt.encoder_path else None,
+            "speech_encoder_weights": ckpt.encoder_source,
             "model_type": c["model_type"],
             "hidden_size": c["hidden_size"],
             "num_hidden_layers": c["num_hidden_layers"],

@@ -9,29 +9,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omnilite.quant.accuracy import teacher_forced
 from omnilite.runtime.bundle import load_bundle
-from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
-from omnilite.runtime.metrics import cosine_rows, relative_max_error, snr_db
+from omnilite.runtime.llm import LlamaCppLLM, stage_llm_config
+from omnilite.runtime.metrics import relative_max_error, snr_db
 from omnilite.runtime.omni2.flow import FlowDecoder
 from omnilite.runtime.omni2.hift import HiFTVocoder
 from omnilite.runtime.omni2.tts import TTSWriter
 
-from ..parity import _prefix_agreement, fixed_audio, mel_and_encoder_parity
+from ..parity import THRESHOLDS as LM_THRESHOLDS
+from ..parity import _prefix_agreement, fixed_audio, lm_agreement, mel_and_encoder_parity, parity_inputs, summarize_lm
 from .reference import Omni2ReferencePipeline, rw_chunks
 
 PARITY_TOKENS = 32
 PARITY_TTS_TOKENS = 48
-THRESHOLDS = {
-    "mel_max_abs": 1e-4,
-    "encoder_rel_max": 1e-3,
-    "hidden_cosine_min": 0.999,
-    "flow_rel_max": 1e-3,
-    "hift_snr_db": 40.0,
-}
-
-
-def _kv(bundle, stage: str) -> str:
-    return "f32" if bundle.stages[stage].precision == "f32" else "f16"
+THRESHOLDS = {"flow_rel_max": 1e-3, "hift_snr_db": 40.0}  # mel, encoder and LM bounds: ..parity.THRESHOLDS
 
 
 def tts_parity(ref: Omni2ReferencePipeline, bundle, tokens: list[int], hidden: np.ndarray, read: int, write: int,
@@ -39,7 +31,7 @@ def tts_parity(ref: Omni2ReferencePipeline, bundle, tokens: list[int], hidden: n
     """Reference and runtime TTS token streams for the same LLM tokens/hidden states under (read, write)."""
     steps = ref.speech_tokens(tokens, torch.from_numpy(hidden), read, write, max_tts)
     ref_stream = [t for s in steps for t in s]
-    writer = TTSWriter(bundle, LLMConfig(n_ctx=4096, kv_cache=_kv(bundle, "tts_lm")))
+    writer = TTSWriter(bundle, stage_llm_config(bundle, "tts_lm", n_ctx=4096))
     try:
         rt_stream = []
         chunks = rw_chunks(len(tokens), read)
@@ -51,34 +43,54 @@ def tts_parity(ref: Omni2ReferencePipeline, bundle, tokens: list[int], hidden: n
     return ref_stream, rt_stream
 
 
+def _tts_first_logits_error(ref: Omni2ReferencePipeline, bundle, tokens: list[int], hidden: np.ndarray) -> float:
+    """Max abs difference of the TTS LM's logits after the first read chunk's fused inputs."""
+    with torch.no_grad():
+        fused = ref.generator.fuse(torch.from_numpy(hidden), torch.tensor(tokens))
+        logits_ref = ref.generator.model(inputs_embeds=fused[None]).logits[0, -1].numpy()
+    writer = TTSWriter(bundle, stage_llm_config(bundle, "tts_lm", n_ctx=512))
+    try:
+        logits_rt = writer.lm.eval_embeddings(writer.fuse(hidden, tokens), want_last=True)[0]
+    finally:
+        writer.close()
+    return float(np.max(np.abs(logits_ref - logits_rt)))
+
+
 def measure_parity(ref: Omni2ReferencePipeline, bundle_dir: Path) -> dict:
     bundle = load_bundle(bundle_dir, verify=False)
     audio = fixed_audio()
-    report: dict = {"input": "fixed synthetic 3 s signal (seed 1234)", "tokens": PARITY_TOKENS}
+    report: dict = {"input": "fixed synthetic 3 s signal (seed 1234); LLM: that, a 2 s one (seed 99) and question.wav",
+                    "tokens": PARITY_TOKENS}
 
     report.update(mel_and_encoder_parity(ref, bundle, audio))
 
-    _, emb = ref.speech_embeddings(audio)
-    tokens_ref, hidden_ref = ref.text(emb, PARITY_TOKENS, ignore_eos=True)
-    hidden_ref = hidden_ref.numpy()
-    with LlamaCppLLM(bundle.file("llm"), LLMConfig(kv_cache=_kv(bundle, "llm"))) as llm:
-        llm.eval_tokens(ref.prompt.prefix_ids)
-        llm.eval_embeddings(emb.numpy())
-        first = llm.eval_tokens(ref.prompt.suffix_ids, want_last=True)
-        pairs = list(llm.generate(PARITY_TOKENS, ignore_eos=True, first=first))
-    tokens_rt = [t for t, _ in pairs]
-    agree = _prefix_agreement(tokens_ref, tokens_rt)
-    n = min(len(hidden_ref), len(pairs))
-    cos = float(cosine_rows(hidden_ref[:n], np.stack([h for _, h in pairs])[:n]).min())
-    report["llm"] = {"greedy_tokens_identical": agree, "of": PARITY_TOKENS, "hidden_cosine_min": cos,
-                     "threshold_cosine": THRESHOLDS["hidden_cosine_min"],
-                     "ok": agree == PARITY_TOKENS and cos >= THRESHOLDS["hidden_cosine_min"]}
+    precision, config = bundle.stages["llm"].precision, stage_llm_config(bundle, "llm")
+    per_input, hidden_ref, tokens_ref = [], None, None
+    with LlamaCppLLM(bundle.file("llm"), config) as llm:
+        for _, speech in parity_inputs():
+            _, emb = ref.speech_embeddings(speech)
+            tokens, hidden = ref.text(emb, PARITY_TOKENS, ignore_eos=True)
+            with torch.no_grad():
+                logits = ref.llm.lm_head(hidden).numpy()
+            if hidden_ref is None:  # the first input drives the TTS LM and the vocoder stages
+                tokens_ref, hidden_ref = tokens, hidden.numpy()
+            llm.reset()
+            llm.eval_tokens(ref.prompt.prefix_ids)
+            llm.eval_embeddings(emb.numpy())
+            first = llm.eval_tokens(ref.prompt.suffix_ids, want_last=True)
+            logits_rt, hidden_rt = teacher_forced(llm, first, tokens)
+            per_input.append(lm_agreement(precision, tokens, logits, hidden.numpy(), logits_rt, hidden_rt))
+    report["llm"] = summarize_lm(per_input, config)
 
     read, write = 3, 10
     ref_tts, rt_tts = tts_parity(ref, bundle, tokens_ref, hidden_ref, read, write, PARITY_TTS_TOKENS)
     agree = _prefix_agreement(ref_tts, rt_tts)
+    first_abs = _tts_first_logits_error(ref, bundle, tokens_ref[:read], hidden_ref[:read])
+    exact = bundle.stages["tts_lm"].precision == "f32"
     report["tts_lm"] = {"greedy_tokens_identical": agree, "of": len(ref_tts), "read": read, "write": write,
-                        "ok": agree == len(ref_tts) == len(rt_tts) and agree >= PARITY_TOKENS}
+                        "first_logits_max_abs": first_abs, "flash_attn": stage_llm_config(bundle, "tts_lm").flash_attn,
+                        "ok": agree == len(ref_tts) == len(rt_tts) and agree >= PARITY_TOKENS
+                        and (first_abs <= LM_THRESHOLDS["first_logits_max_abs"] or not exact)}
 
     units = ref.units(ref_tts)
     flow = FlowDecoder(bundle)

@@ -34,7 +34,7 @@ from omnilite.runtime.errors import OmniliteError
 
 from ..speech_encoder import ConcatAdapter
 from ..tiny import _fill as _fill_v1
-from ..tiny import _Init, _shapes, _whisper_state, whisper_dims
+from ..tiny import _Init, _shapes, _whisper_state, saved_encoder_state, whisper_dims
 from .flow import CausalMaskedDiffWithXvec, FlowConfig
 from .hift import HiFT, HiFTConfig
 from .qwen_tokenizer import qwen25_tokenizer, tokenizer_config, write_tokenizer
@@ -399,7 +399,7 @@ def _write_model_dir(model_dir: Path, s: Shape, init: _Init) -> None:
 
     tts_cfg = cfg["speech_generator"]
     dims = whisper_dims_for(s)
-    ws = {k[len("encoder."):]: v for k, v in _whisper_state(dims, init).items() if k.startswith("encoder.")}
+    ws = saved_encoder_state(dims, init)
     with torch.device("meta"):
         proj = _shapes(ConcatAdapter(5, s.whisper[0], s.llm.hidden))
         fusion = _shapes(GateFusion(s.llm.hidden, s.tts.hidden))

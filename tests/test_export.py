@@ -25,6 +25,7 @@ def test_manifest_lists_every_stage_with_hash_and_passing_parity(bundle):
     for stage in ("mel", "encoder", "llm", "speech_generator", "vocoder"):
         assert parity[stage]["ok"], (stage, parity[stage])
     assert parity["llm"]["greedy_tokens_identical"] == 32 and parity["llm"]["hidden_cosine_min"] >= 0.999
+    assert parity["llm"]["first_logits_max_abs"] <= 1e-3 and parity["llm"]["flash_attn"] == "off" and parity["llm"]["inputs"] == 3
 
 
 @pytest.mark.parametrize("mode", ["exact", "unpadded"])

@@ -49,7 +49,8 @@ def test_loader_reads_configs_and_speech_units(omni2_checkpoint):
     assert ck.hift_config.hop == 480 and ck.hift_config.sampling_rate == 24000
     sp = ck.tts_specials()
     assert len(sp["units"]) == 6561 and sorted(sp["units"].values()) == list(range(6561))
-    assert ck.encoder_path is None  # the full save carries model.speech_encoder.*
+    # The .pt gives the dims, the full save's model.speech_encoder.* copy the weights (official precedence).
+    assert ck.encoder_path.name == "large-v3.pt" and ck.encoder_source == "safetensors (model.speech_encoder.*)"
 
 
 @pytest.mark.parametrize("value,expected", [("(3,10)", (3, 10)), (" ( 1 , 5 ) ", (1, 5))])

@@ -108,3 +108,31 @@ def test_real_shapes_match_the_released_llms(size, params_b):
     n = sum(p.numel() for p in llm.parameters()) / 1e9  # tied heads are counted once
     assert abs(n - params_b) / params_b < 0.03
     assert cfg["speech_generator"]["hidden_size"] == 896 and cfg["speech_generator"]["num_hidden_layers"] == 24
+
+
+def test_slow_tokenizer_files_without_tokenizer_json(omni2_checkpoint, tmp_path):
+    """A checkpoint saved with a slow tokenizer (vocab.json + merges.txt + tokenizer_config.json, no
+    tokenizer.json) gets the fast tokenizer built as AutoTokenizer builds it: the same ids on the chat
+    template, the speech/<sep> tokens and the units map as the tokenizer.json it was saved from."""
+    from tokenizers import Tokenizer
+
+    from omnilite.export.omni2.checkpoint import Omni2Checkpoint
+    from omnilite.export.omni2.reference import render_prompt
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(omni2_checkpoint, copy)
+    model_dir = next((copy / "models").glob("LLaMA-Omni2-*"))
+    (model_dir / "tokenizer.json").unlink()
+    (model_dir / "tts_tokenizer" / "tokenizer.json").unlink()
+    original = Omni2Checkpoint.open(omni2_checkpoint)
+    slow = Omni2Checkpoint.open(copy)
+    assert slow.tokenizer_dir != model_dir and slow.tts_tokenizer_dir != model_dir / "tts_tokenizer"
+    assert render_prompt(slow.tokenizer_dir) == render_prompt(original.tokenizer_dir)
+    assert slow.tts_specials() == original.tts_specials()
+    text = "<|im_start|>user\nHello, world 123 <sep><|s_0|><|s_6560|> naïve 😀<|im_end|>"
+    for a, b in ((slow.tokenizer_dir, original.tokenizer_dir), (slow.tts_tokenizer_dir, original.tts_tokenizer_dir)):
+        ids = Tokenizer.from_file(str(a / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+        assert ids == Tokenizer.from_file(str(b / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    (model_dir / "merges.txt").unlink()
+    with pytest.raises(CheckpointError, match=r"has no tokenizer.json and no merges.txt to build it from; download the complete"):
+        Omni2Checkpoint.open(copy)

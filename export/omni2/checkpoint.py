@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,34 @@ def hift_config(y: dict, path: Path) -> HiFTConfig:
         raise CheckpointError(f"{path} lacks HiFT setting {e}; it is not a CosyVoice2 decoder config.") from None
 
 
+def fast_tokenizer_dir(src: Path, scratch: Path) -> Path:
+    """A directory with the tokenizer.json (and tokenizer_config.json) of the tokenizer saved in `src`.
+
+    A tokenizer saved by a slow tokenizer's ``save_pretrained`` has only vocab.json + merges.txt +
+    tokenizer_config.json (its added tokens in ``added_tokens_decoder``); the official code's
+    ``AutoTokenizer.from_pretrained`` then builds the fast tokenizer from them, and so does this,
+    into `scratch`, leaving the checkpoint untouched."""
+    if (src / "tokenizer.json").exists():
+        if not (src / "tokenizer_config.json").exists():
+            raise CheckpointError(f"{src / 'tokenizer_config.json'} is missing; download the complete LLaMA-Omni2 model directory.")
+        return src
+    missing = [f for f in ("vocab.json", "merges.txt", "tokenizer_config.json") if not (src / f).exists()]
+    if missing:
+        raise CheckpointError(f"{src} has no tokenizer.json and no {' / '.join(missing)} to build it from; "
+                              "download the complete LLaMA-Omni2 model directory.")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src))
+    except Exception as e:  # noqa: BLE001 - malformed vocab/merges surface as several error types
+        raise CheckpointError(f"the tokenizer in {src} cannot be built from vocab.json + merges.txt ({e}); download it again.") from None
+    scratch.mkdir(parents=True)
+    tok.backend_tokenizer.save(str(scratch / "tokenizer.json"))
+    shutil.copyfile(src / "tokenizer_config.json", scratch / "tokenizer_config.json")
+    log.info("built %s from the slow tokenizer files in %s", scratch / "tokenizer.json", src)
+    return scratch
+
+
 def _weight_norm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torch's newer parametrized weight norm (``parametrizations.weight.original0/1``) -> weight_g/_v."""
     out = {}
@@ -134,6 +164,8 @@ class Omni2Checkpoint:
     cosy: dict = field(repr=False)
     tensors: SafetensorsDir = field(repr=False)
     whisper_dims: dict = field(default_factory=dict)
+    tokenizer_dir: Path | None = None  # holds tokenizer.json: the model dir, or one built from the slow files
+    tts_tokenizer_dir: Path | None = None
 
     @classmethod
     def open(cls, path: str | Path, speech_encoder: str | Path | None = None, decoder: str | Path | None = None) -> "Omni2Checkpoint":
@@ -156,9 +188,9 @@ class Omni2Checkpoint:
             raise CheckpointError(f"{model_dir / 'config.json'} has model_type {mt!r}, not 'omni2_speech2s_qwen2'; this exporter reads LLaMA-Omni2 releases.")
         if not isinstance(config.get("speech_generator"), dict):
             raise CheckpointError(f"{model_dir / 'config.json'} has no 'speech_generator' dict (the TTS LM config); the config is incomplete.")
-        for sub in ("tokenizer.json", "tts_tokenizer/tokenizer.json", "tts_tokenizer/tokenizer_config.json"):
-            if not (model_dir / sub).exists():
-                raise CheckpointError(f"{model_dir / sub} is missing; download the complete LLaMA-Omni2 model directory.")
+        converted = tempfile.TemporaryDirectory(prefix="omnilite-tokenizers-")  # removed with the checkpoint object
+        tokenizer_dir = fast_tokenizer_dir(model_dir, Path(converted.name) / "llm")
+        tts_tokenizer_dir = fast_tokenizer_dir(model_dir / "tts_tokenizer", Path(converted.name) / "tts")
         roots = [model_dir.parent.parent, model_dir.parent, Path.cwd()]
         dec = Path(decoder) if decoder else next((r / DECODER_DIR for r in roots if (r / DECODER_DIR).is_dir()), model_dir.parent / "cosy2_decoder")
         for f, what in (("cosyvoice.yaml", "CosyVoice2 config"), ("flow.pt", "flow-matching weights"), ("hift.pt", "HiFT vocoder weights"),
@@ -178,6 +210,7 @@ class Omni2Checkpoint:
             cosy=cosy, tensors=tensors,
         )
         self.whisper_dims, self._whisper = dims, whisper
+        self.tokenizer_dir, self.tts_tokenizer_dir, self._converted = tokenizer_dir, tts_tokenizer_dir, converted
         self.encoder_source = whisper.source()  # for the manifest and `omnilite info`
         return self
 
@@ -185,10 +218,6 @@ class Omni2Checkpoint:
     @property
     def stream_params(self) -> tuple[int, int]:
         return parse_stream_params(self.config.get("stream_params"))
-
-    @property
-    def tts_tokenizer_dir(self) -> Path:
-        return self.model_dir / "tts_tokenizer"
 
     def tts_specials(self) -> dict[str, int]:
         """eos, pad and <sep> ids of the TTS tokenizer, and the id -> speech-unit map.

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2
     step("llm.gguf + tts_lm.gguf")
     eos = ckpt.config.get("eos_token_id", min(ref.eos_ids))  # the turn end (<|im_end|>) for an instruct model
     eos = eos[0] if isinstance(eos, list) else eos
-    write_qwen2_gguf(ckpt.qwen_tensors("", ckpt.llm_config), ckpt.config, ckpt.model_dir, tmp / "llm.gguf", eos_id=int(eos),
+    write_qwen2_gguf(ckpt.qwen_tensors("", ckpt.llm_config), ckpt.config, ckpt.tokenizer_dir, tmp / "llm.gguf", eos_id=int(eos),
                      dtype=options.llm_dtype, name=ckpt.model_dir.name, what="Qwen2.5 LLM", progress=options.progress)
     write_qwen2_gguf(ckpt.qwen_tensors("speech_generator.model.", ckpt.tts_config), ckpt.config["speech_generator"], ckpt.tts_tokenizer_dir,
                      tmp / "tts_lm.gguf", eos_id=ref.tts_eos, dtype=options.llm_dtype, name=ckpt.model_dir.name + "-tts", what="TTS LM",
@@ -172,12 +171,12 @@ STAGE_FILES = (
 )
 
 
-def turn_prefix_ids(model_dir: Path) -> list[int]:
+def turn_prefix_ids(tokenizer_dir: Path) -> list[int]:
     """What separates a finished assistant reply from the next user turn's speech in the Qwen
     template: the reply's <|im_end|> (never fed: generation stops on it), newline, user header."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     return tok.encode("<|im_end|>\n<|im_start|>user\n", add_special_tokens=False).ids
 
 
@@ -231,7 +230,7 @@ def _manifest(ckpt: Omni2Checkpoint, ref: Omni2ReferencePipeline, tmp: Path, opt
             "n_vocab": ckpt.llm_config.vocab_size,
             "eos_ids": sorted(ref.eos_ids),
             "prompt": {"prefix_ids": ref.prompt.prefix_ids, "suffix_ids": ref.prompt.suffix_ids, "text": ref.prompt.text,
-                       "turn_prefix_ids": turn_prefix_ids(ckpt.model_dir),
+                       "turn_prefix_ids": turn_prefix_ids(ckpt.tokenizer_dir),
                        "template": "tokenizer_config.json chat_template, one user turn '<speech>'"},
             "max_context": int(c.get("tokenizer_model_max_length", 2048)),
         },

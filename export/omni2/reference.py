@@ -38,23 +38,23 @@ class Omni2Prompt:
     text: str
 
 
-def render_prompt(model_dir: Path, system: str | None = None) -> Omni2Prompt:
+def render_prompt(tokenizer_dir: Path, system: str | None = None) -> Omni2Prompt:
     """The official prompt: the model's chat template over one user turn whose content is ``<speech>``."""
     import jinja2
 
-    cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     template = cfg.get("chat_template")
     if not template:
-        raise CheckpointError(f"{model_dir / 'tokenizer_config.json'} has no chat_template; the LLaMA-Omni2 tokenizer is incomplete.")
+        raise CheckpointError(f"{tokenizer_dir / 'tokenizer_config.json'} has no chat_template; the LLaMA-Omni2 tokenizer is incomplete.")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": SPEECH_PLACEHOLDER}]
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda v, **_: json.dumps(v)
     text = env.from_string(template).render(messages=messages, add_generation_prompt=True, tools=None)
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     ids = tok.encode(text, add_special_tokens=False).ids
     sp = tok.token_to_id(SPEECH_PLACEHOLDER)
     if sp is None or ids.count(sp) != 1:
-        raise CheckpointError(f"{model_dir / 'tokenizer.json'} does not turn {SPEECH_PLACEHOLDER} into one token; the LLaMA-Omni2 tokenizer is incomplete.")
+        raise CheckpointError(f"{tokenizer_dir / 'tokenizer.json'} does not turn {SPEECH_PLACEHOLDER} into one token; the LLaMA-Omni2 tokenizer is incomplete.")
     i = ids.index(sp)
     return Omni2Prompt(prefix_ids=ids[:i], suffix_ids=ids[i + 1:], text=text)
 
@@ -82,7 +82,7 @@ class Omni2ReferencePipeline:
     def __init__(self, ckpt: Omni2Checkpoint, speaker_wav_16k: np.ndarray):
         self.ckpt = ckpt
         self.encoder = ckpt.speech_encoder()
-        self.prompt = render_prompt(ckpt.model_dir)
+        self.prompt = render_prompt(ckpt.tokenizer_dir)
         self.n_mels = ckpt.whisper_dims["n_mels"]
         gen_cfg_path = ckpt.model_dir / "generation_config.json"
         eos = json.loads(gen_cfg_path.read_text()).get("eos_token_id") if gen_cfg_path.exists() else None

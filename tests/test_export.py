@@ -26,6 +26,9 @@ def test_manifest_lists_every_stage_with_hash_and_passing_parity(bundle):
         assert parity[stage]["ok"], (stage, parity[stage])
     assert parity["llm"]["greedy_tokens_identical"] == 32 and parity["llm"]["hidden_cosine_min"] >= 0.999
     assert parity["llm"]["first_logits_max_abs"] <= 1e-3 and parity["llm"]["flash_attn"] == "off" and parity["llm"]["inputs"] == 3
+    assert files["llm"]["flash_attn"] == "off"  # the f32 GGUF runs the exact path
+    # The official precedence: the safetensors copy of the Whisper encoder over large-v3.pt's.
+    assert m["source"]["speech_encoder_weights"] == "safetensors (model.speech_encoder.*)"
 
 
 @pytest.mark.parametrize("mode", ["exact", "unpadded"])

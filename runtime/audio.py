@@ -6,6 +6,7 @@ corrupt or non-audio file gets one clear sentence instead of a library traceback
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import tempfile
@@ -16,7 +17,10 @@ import numpy as np
 
 from .errors import AudioError
 
+log = logging.getLogger(__name__)
+
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+_UNKNOWN_SIZE = 0xFFFFFFFF
 # Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -31,8 +35,13 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: no such file; pass the path of a WAV file.") from None
     except OSError as e:
         raise AudioError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions.") from None
+    return decode_wav(data, str(path))
+
+
+def decode_wav(data: bytes, source: str) -> tuple[np.ndarray, int]:
+    """`read_wav` for WAV bytes already in memory (e.g. read from stdin); `source` names them in errors."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise AudioError(f"{path} is not a WAV file (no RIFF/WAVE header); convert it to WAV, e.g. `sox in.mp3 out.wav`.")
+        raise AudioError(f"{source} is not a WAV file (no RIFF/WAVE header); convert it to WAV, e.g. `sox in.mp3 out.wav`.")
     fmt = None
     pos = 12
     while pos + 8 <= len(data):
@@ -48,14 +57,18 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         elif cid == b"data":
             if fmt is None:
                 break
-            return _decode(path, body, *fmt)
+            # A writer that could not seek back (a pipe) leaves the size at 0xFFFFFFFF: the data runs to the end.
+            if len(body) < size and size != _UNKNOWN_SIZE:
+                log.warning("%s is cut short: its data chunk lacks %d of %d bytes; using the %d bytes that are there",
+                            source, size - len(body), size, len(body))
+            return _decode(source, body, *fmt)
         pos += 8 + size + (size & 1)
-    raise AudioError(f"{path} is a damaged WAV file (missing fmt or data chunk); re-export the audio as WAV.")
+    raise AudioError(f"{source} is a damaged WAV file (missing fmt or data chunk); re-export the audio as WAV.")
 
 
-def _decode(path: Path, body: bytes, tag: int, channels: int, rate: int, bits: int) -> tuple[np.ndarray, int]:
+def _decode(source: str, body: bytes, tag: int, channels: int, rate: int, bits: int) -> tuple[np.ndarray, int]:
     if channels < 1 or rate < 1:
-        raise AudioError(f"{path} declares {channels} channels at {rate} Hz; re-export the audio as WAV.")
+        raise AudioError(f"{source} declares {channels} channels at {rate} Hz; re-export the audio as WAV.")
     width = bits // 8
     usable = len(body) - len(body) % (width * channels) if width else 0
     raw = body[:usable]
@@ -72,18 +85,22 @@ def _decode(path: Path, body: bytes, tag: int, channels: int, rate: int, bits: i
     elif tag == _FLOAT and bits in (32, 64):
         x = np.frombuffer(raw, "<f4" if bits == 32 else "<f8").astype(np.float32)
     else:
-        raise AudioError(f"{path} uses an unsupported WAV encoding (format {tag}, {bits}-bit); convert it to 16-bit PCM WAV.")
+        raise AudioError(f"{source} uses an unsupported WAV encoding (format {tag}, {bits}-bit); convert it to 16-bit PCM WAV.")
     return x.reshape(-1, channels), rate
 
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
     """Write mono float audio as 16-bit PCM WAV, atomically (temp file + rename)."""
-    path = Path(path)
+    atomic_write_bytes(Path(path), wav_bytes(audio, sample_rate))
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """Mono float audio as a 16-bit PCM WAV file's bytes."""
     pcm = (np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0) * 32767.0).round().astype("<i2")
     header = b"RIFF" + struct.pack("<I", 36 + pcm.nbytes) + b"WAVE"
     header += b"fmt " + struct.pack("<IHHIIHH", 16, _PCM, 1, sample_rate, sample_rate * 2, 2, 16)
     header += b"data" + struct.pack("<I", pcm.nbytes)
-    atomic_write_bytes(path, header + pcm.tobytes())
+    return header + pcm.tobytes()
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

@@ -24,7 +24,7 @@ from .session import Session
 
 log = logging.getLogger(__name__)
 
-NO_DEVICE_HINT = ("run against files instead with `--input-file question.wav --output-file reply.wav` "
+NO_DEVICE_HINT = ("run against files instead with `omnilite chat BUNDLE -i question.wav -o reply.wav` "
                   "(a simulated microphone at real-time pace)")
 
 
@@ -96,7 +96,10 @@ class FileAudio:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop feeding and wait for the loop to leave the session (which the caller closes next)."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once the loop has finished (input played, replies done, or stopped)."""

@@ -1,7 +1,9 @@
 """The bundle: a directory with ``omnilite.json`` and one file per stage.
 
 The runtime refuses, with one sentence naming the file and the fix, a bundle whose manifest is
-missing or of a newer format, whose stage file is missing, or whose file does not match its sha256.
+missing, damaged (a field missing or of the wrong type) or of a newer format, names a file outside
+the bundle (absolute, `..`, or a symlink out), or whose stage file is missing or does not match its
+sha256.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class StageFile:
     inputs: dict[str, list]
     outputs: dict[str, list]
     extra_files: dict[str, str] = field(default_factory=dict)  # side files (ONNX external data) -> sha256
+    flash_attn: str | None = None  # GGUF stages: llama.cpp's flash attention as parity was measured ("on"/"off"/"auto")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Bundle:
 
     @property
     def stages(self) -> dict[str, StageFile]:
-        return {s["name"]: StageFile(**s) for s in self.manifest["stages"]}
+        return {s["name"]: _stage_file(s) for s in self.manifest["stages"]}
 
     def file(self, stage: str) -> Path:
         try:
@@ -73,7 +76,6 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     try:
         manifest = json.loads(manifest_path.read_text())
         version = int(manifest["format_version"])
-        stages = manifest["stages"]
     except (ValueError, KeyError, TypeError):
         raise BundleError(f"{manifest_path} is damaged (not a valid manifest); re-export the bundle with `omnilite export`.") from None
     if version > FORMAT_VERSION:
@@ -83,13 +85,17 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         )
     if version < 1:
         raise BundleError(f"{manifest_path} has unknown format version {version}; re-export the bundle with `omnilite export`.")
+    stages = _checked_stages(manifest_path, manifest)
+    encoder = manifest.get("encoder")
+    padding = encoder.get("padding_cache") if isinstance(encoder, dict) else None
+    if isinstance(padding, dict) and isinstance(padding.get("file"), str):
+        _confined(path, padding["file"], manifest_path, "encoder.padding_cache")
     for stage in stages:
-        files = {stage["file"]: stage["sha256"], **stage.get("extra_files", {})}
-        for name, digest in files.items():
-            f = path / name
+        for name, digest in {stage.file: stage.sha256, **stage.extra_files}.items():
+            f = _confined(path, name, manifest_path, f"stage '{stage.name}'")
             if not f.is_file():
                 raise BundleError(
-                    f"{path} is missing {name} (stage '{stage['name']}'); re-export the bundle with `omnilite export`."
+                    f"{path} is missing {name} (stage '{stage.name}'); re-export the bundle with `omnilite export`."
                 )
             if verify and sha256_file(f) != digest:
                 raise BundleError(
@@ -97,3 +103,53 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
                     "or restore the original file."
                 )
     return Bundle(path=path, manifest=manifest)
+
+
+_STAGE_FIELDS = {"name": str, "file": str, "format": str, "precision": str, "sha256": str, "inputs": dict, "outputs": dict}
+_JSON_TYPE = {str: "string", dict: "object"}
+
+
+def _checked_stages(manifest_path: Path, manifest: Any) -> list[StageFile]:
+    """The manifest's stages, or one sentence naming the first field that is missing or of the wrong type."""
+    def damaged(what: str) -> BundleError:
+        return BundleError(f"{manifest_path} is damaged ({what}); re-export the bundle with `omnilite export`.")
+
+    if not isinstance(manifest.get("family"), str):
+        raise damaged("'family' is missing or not a string")
+    stages = manifest.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise damaged("'stages' is missing or not a non-empty list")
+    checked = []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise damaged(f"stage {i} is not an object")
+        label = f"stage {stage.get('name', i)!r}" if isinstance(stage.get("name"), str) else f"stage {i}"
+        for key, kind in _STAGE_FIELDS.items():
+            if not isinstance(stage.get(key), kind):
+                raise damaged(f"{label} has no '{key}' {_JSON_TYPE[kind]}")
+        extra = stage.get("extra_files", {})
+        if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise damaged(f"{label} has 'extra_files' that is not a map of file name to sha256")
+        if not isinstance(stage.get("flash_attn", ""), str):
+            raise damaged(f"{label} has a 'flash_attn' that is not a string")
+        checked.append(_stage_file(stage))
+    return checked
+
+
+def _stage_file(stage: dict) -> StageFile:
+    # Fields a newer writer of the same format version may add are ignored, not refused.
+    return StageFile(**{k: stage[k] for k in _STAGE_FIELDS}, extra_files=stage.get("extra_files", {}),
+                     flash_attn=stage.get("flash_attn"))
+
+
+def _confined(bundle: Path, name: str, manifest_path: Path, what: str) -> Path:
+    """`bundle / name`, refusing a name that leads outside the bundle (absolute, `..`, or a symlink
+    out): a manifest must not make the runtime load files it was not shipped with."""
+    rel = Path(name)
+    f = bundle / rel
+    if rel.is_absolute() or ".." in rel.parts or not f.resolve().is_relative_to(bundle.resolve()):
+        raise BundleError(
+            f"{manifest_path} names {name!r} for {what}, which is outside the bundle; bundle files must be inside "
+            f"{bundle} (re-export the bundle with `omnilite export`)."
+        )
+    return f

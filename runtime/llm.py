@@ -58,15 +58,16 @@ _FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLA
                "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 
 def default_flash_attn(precision: str) -> str:
-    """An f32 GGUF is the exact path: plain attention, as torch computes it. Quantized types may
-    keep llama.cpp's choice (their own rounding dominates; the quantizer measures and records it)."""
-    return "off" if precision == "f32" else "auto"
+    """An f32 GGUF is the exact path: plain attention, as torch computes it. Other types keep
+    llama.cpp's choice (flash attention on CPU): benchmarks/results/flash_attn.md measures its speed
+    and accuracy per type; the exporter and quantizer record the setting in each GGUF stage."""
+    return "off" if precision.lower() == "f32" else "auto"
 
 
 def stage_llm_config(bundle: Bundle, stage: str, **fields) -> LLMConfig:
     """The KV cache type and attention kernel a bundle's GGUF stage was checked with at export."""
     s = bundle.stages[stage]
-    return LLMConfig(kv_cache="f32" if s.precision == "f32" else "f16",
+    return LLMConfig(kv_cache="f32" if s.precision.lower() == "f32" else "f16",
                      flash_attn=s.flash_attn or default_flash_attn(s.precision), **fields)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from omnilite.runtime.errors import OmniliteError
@@ -251,8 +252,10 @@ def _vocoder_state(cfg: dict, init: _Init) -> dict[str, torch.Tensor]:
     return state
 
 
-def make_tiny_llama_omni(out: Path, shape: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the checkpoint under `out`; returns the HF model dir. Atomic: built in a temp dir."""
+def make_tiny_llama_omni(out: Path, shape: str = "tiny", seed: int = 0, overwrite: bool = False,
+                         progress: bool = False) -> Path:
+    """Write the checkpoint under `out`; returns the HF model dir. Atomic: built in a temp dir.
+    `progress`: a bar over the steps on stderr."""
     if shape not in SHAPES:
         raise OmniliteError(f"unknown shape {shape!r}; use one of: {', '.join(SHAPES)}.")
     out = Path(out)
@@ -263,8 +266,10 @@ def make_tiny_llama_omni(out: Path, shape: str = "tiny", seed: int = 0, overwrit
     init = _Init(seed)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    steps = tqdm(total=3, desc="make-tiny", unit="step", disable=not progress)
     try:
         model_dir = tmp / DEFAULT_MODEL_DIR
+        steps.set_postfix_str(DEFAULT_MODEL_DIR)
         model_dir.mkdir(parents=True)
         cfg = llm_config(s)
         (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -276,23 +281,30 @@ def make_tiny_llama_omni(out: Path, shape: str = "tiny", seed: int = 0, overwrit
         (model_dir / "special_tokens_map.json").write_text(json.dumps(
             {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, indent=2))
         _write_hf_weights(model_dir, cfg, init, saved_encoder_state(whisper_dims(s), init))
+        steps.update()
 
+        steps.set_postfix_str("speech_encoder")
         enc = tmp / DEFAULT_ENCODER
         enc.parent.mkdir(parents=True)
         dims = whisper_dims(s)
         torch.save({"dims": dims, "model_state_dict": _whisper_state(dims, init)}, enc)
+        steps.update()
 
+        steps.set_postfix_str("vocoder")
         voc = tmp / DEFAULT_VOCODER_DIR
         voc.mkdir()
         vcfg = vocoder_config(s)
         (voc / "config.json").write_text(json.dumps(vcfg, indent=2))
         torch.save({"generator": _vocoder_state(vcfg, init)}, voc / VOCODER_CKPT)
+        steps.update()
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        steps.close()
     log.info("wrote %s checkpoint (random weights) to %s", shape, out)
     return out / DEFAULT_MODEL_DIR
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from omnilite.runtime.errors import OmniliteError
@@ -343,8 +344,10 @@ class _TokenizerStandIn(torch.nn.Module):
         return self.conv(feats).argmax(dim=1) + 0 * feats_length[:, None]
 
 
-def make_tiny_llama_omni2(out: Path, shape: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the release under `out`; returns the HF model dir. Atomic: built in a temp dir."""
+def make_tiny_llama_omni2(out: Path, shape: str = "tiny", seed: int = 0, overwrite: bool = False,
+                          progress: bool = False) -> Path:
+    """Write the release under `out`; returns the HF model dir. Atomic: built in a temp dir.
+    `progress`: a bar over the steps on stderr (the tokenizers alone take seconds)."""
     if shape not in SHAPES:
         raise OmniliteError(f"unknown LLaMA-Omni2 shape {shape!r}; use one of: {', '.join(SHAPES)}.")
     out = Path(out)
@@ -354,20 +357,29 @@ def make_tiny_llama_omni2(out: Path, shape: str = "tiny", seed: int = 0, overwri
     init = _Init(seed)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    steps = tqdm(total=3, desc="make-tiny", unit="step", disable=not progress)
     try:
         model_dir = tmp / "models" / s.name
+        steps.set_postfix_str(f"{s.name} (tokenizers, weights)")
         _write_model_dir(model_dir, s, init)
+        steps.update()
         enc = tmp / "models" / "speech_encoder" / "large-v3.pt"
+        steps.set_postfix_str("speech_encoder")
         enc.parent.mkdir(parents=True)
         dims = whisper_dims_for(s)
         torch.save({"dims": dims, "model_state_dict": _whisper_state(dims, init)}, enc)
+        steps.update()
+        steps.set_postfix_str("cosy2_decoder")
         _write_decoder_dir(tmp / "models" / "cosy2_decoder", s, init)
+        steps.update()
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        steps.close()
     log.info("wrote %s LLaMA-Omni2 checkpoint (random weights) to %s", shape, out)
     return out / "models" / s.name
 

@@ -8,12 +8,16 @@ Streaming follows the model's own design. Its attention is chunk-causal (a mel f
 frame up to the end of its 2 s chunk) and its convolutions are causal, except the pre-lookahead conv
 that reads ``pre_lookahead_len`` (3) tokens ahead. So, like the official streaming calls, each step
 runs on the tokens so far plus 3 lookahead tokens, drops the lookahead's frames and emits the frames
-since the last step. With the hop equal to the model's chunk and all left chunks kept, every frame
-equals the whole-utterance result. A shorter hop emits frames of a chunk before the chunk's later
-tokens exist (earlier audio, slight drift: those frames are not revised); ``left_chunks`` bounds the
-estimator's window to the current chunk plus that many earlier ones, so the cost per step stays flat
-on long replies (drift again: older context is dropped). The encoder (cheap next to 10 x 2 estimator
-passes) re-runs on the token prefix; its per-frame outputs are kept as the window's ``mu``.
+since the last step. A shorter hop than the chunk emits frames of a chunk before the chunk's later
+tokens exist (earlier audio, slight drift: those frames are not revised).
+
+Attention reaches back to the first frame, so re-solving the whole prefix each step (what the
+official calls do) costs O(reply^2): 11 min for a 75 s tiny reply. So each step's estimator sees
+only the current chunk and ``left_chunks`` earlier ones (by default as many as make the window
+``window_tokens``, 150 tokens = 6 s), the encoder one chunk more of tokens, and the work per second
+of audio is flat. Replies up to the window still equal whole-utterance synthesis exactly; later
+frames drift (older context is dropped: measured in tests/test_vocoder_cost.py).
+``window_tokens=None`` keeps every chunk (exact at any length, quadratic).
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ from ..errors import OmniliteError
 from ..onnx_session import SessionOptions, open_session
 
 
+DEFAULT_WINDOW_TOKENS = 150  # 6 s: 3 chunks as LLaMA-Omni2 runs the flow, 6 as CosyVoice2 streams
+# Token context the encoder gets before the estimator's window, in chunks: the window's first frames
+# then get mu from tokens with left context (measured: less drift than 0; 2 gains nothing more).
+ENCODER_EXTRA_CHUNKS = 1
+
+
 @dataclass(frozen=True)
 class FlowStreamConfig:
     # The attention chunk in tokens, an inference setting of the same weights: None = the bundle's
@@ -35,7 +45,10 @@ class FlowStreamConfig:
     chunk_tokens: int | None = None
     hop_tokens: int | None = None  # tokens per step; None: the chunk (exact)
     first_hop_tokens: int | None = None  # a shorter first step for earlier first audio; None: hop_tokens
-    left_chunks: int | None = None  # earlier chunks the estimator sees; None: all (exact)
+    # The estimator's window per step, in tokens, rounded up to whole chunks; None: every chunk so far
+    # (exact at any length, but each step re-solves the whole prefix). Bounded: flat cost per step.
+    window_tokens: int | None = DEFAULT_WINDOW_TOKENS
+    left_chunks: int | None = None  # earlier chunks in the window, overriding window_tokens when set
 
 
 class FlowDecoder:
@@ -94,7 +107,10 @@ class FlowDecoder:
 
 
 class FlowStream:
-    """Tokens in (any burst size), mel frames out in order; see the module docstring."""
+    """Tokens in (any burst size), mel frames out in order; see the module docstring.
+
+    ``max_window_frames`` / ``max_encoder_tokens``: the most mel frames one estimator pass and the
+    most tokens one encoder pass got (bounded by the window, whatever the reply's length)."""
 
     def __init__(self, flow: FlowDecoder, config: FlowStreamConfig):
         self.flow = flow
@@ -107,12 +123,28 @@ class FlowStream:
             raise OmniliteError(f"flow hop must be at least 1 token, got {self.hop} (first {self.first_hop}).")
         if config.left_chunks is not None and config.left_chunks < 0:
             raise OmniliteError(f"left_chunks must be >= 0 (or None for all), got {config.left_chunks}.")
+        if config.window_tokens is not None and config.window_tokens < 1:
+            raise OmniliteError(f"window_tokens must be at least 1 (or None for all), got {config.window_tokens}.")
         self.left_chunks = config.left_chunks
-        self.exact = config.left_chunks is None and self.hop % self.chunk == 0 and self.first_hop % self.chunk == 0
+        if self.left_chunks is None and config.window_tokens is not None:
+            self.left_chunks = -(-config.window_tokens // self.chunk) - 1
+        self._aligned = self.hop % self.chunk == 0 and self.first_hop % self.chunk == 0
+        self._windowed = False  # some step dropped earlier chunks
         self.tokens: list[int] = []
+        self._tokens_start = 0  # absolute index of self.tokens[0]: older tokens are out of every window
         self._done = 0  # tokens whose frames were emitted
         self.steps = 0
         self.max_window_frames = 0
+        self.max_encoder_tokens = 0
+
+    @property
+    def exact(self) -> bool:
+        """Every frame emitted so far equals whole-utterance synthesis at this chunk."""
+        return self._aligned and not self._windowed
+
+    @property
+    def _total(self) -> int:
+        return self._tokens_start + len(self.tokens)
 
     def push(self, tokens: list[int]) -> np.ndarray:
         """Add tokens; return the mel frames (80, n) that are ready (possibly none)."""
@@ -120,28 +152,34 @@ class FlowStream:
         out = []
         while True:
             hop = self.first_hop if self._done == 0 else self.hop
-            if len(self.tokens) < self._done + hop + self.flow.lookahead:
+            if self._total < self._done + hop + self.flow.lookahead:
                 break
             out.append(self._step(self._done + hop, final=False))
         return np.concatenate(out, axis=1) if out else np.zeros((self.flow.mel_bins, 0), np.float32)
 
     def flush(self) -> np.ndarray:
         """End of the tokens: the remaining frames (the last ones have no lookahead, as offline)."""
-        if len(self.tokens) <= self._done:
+        if self._total <= self._done:
             return np.zeros((self.flow.mel_bins, 0), np.float32)
-        return self._step(len(self.tokens), final=True)
+        return self._step(self._total, final=True)
 
     def _step(self, end: int, final: bool) -> np.ndarray:
         f = self.flow
-        toks = self.tokens[:end] if final else self.tokens[:end + f.lookahead]
-        mu = f.mu(toks, self.chunk)[:, : end * f.ratio]  # drop the lookahead tokens' frames
+        first_chunk = self._done // self.chunk
+        win = 0 if self.left_chunks is None else max(0, first_chunk - self.left_chunks) * self.chunk  # tokens
+        enc = max(0, win - ENCODER_EXTRA_CHUNKS * self.chunk)  # both on chunk boundaries: same masks
+        stop = end if final else end + f.lookahead
+        toks = self.tokens[enc - self._tokens_start:stop - self._tokens_start]
+        mu = f.mu(toks, self.chunk)[:, (win - enc) * f.ratio:(end - enc) * f.ratio]  # drop the lookahead's frames
+        mel = f.solve(mu, win * f.ratio, self.chunk)
+        self._windowed = self._windowed or win > 0
+        self.max_window_frames = max(self.max_window_frames, mu.shape[1])
+        self.max_encoder_tokens = max(self.max_encoder_tokens, len(toks))
         first = self._done * f.ratio
-        start = 0
-        frames = self.chunk * f.ratio
-        if self.left_chunks is not None:
-            start = max(0, (first // frames - self.left_chunks) * frames)
-        mel = f.solve(mu[:, start:], start, self.chunk)
-        self.max_window_frames = max(self.max_window_frames, mu.shape[1] - start)
         self._done = end
         self.steps += 1
-        return mel[:, first - start:]
+        if self.left_chunks is not None:  # forget the tokens no later window reaches
+            keep = max(0, (end // self.chunk - self.left_chunks - ENCODER_EXTRA_CHUNKS) * self.chunk)
+            del self.tokens[:max(0, keep - self._tokens_start)]
+            self._tokens_start = max(self._tokens_start, keep)
+        return mel[:, first - win * f.ratio:]

@@ -95,6 +95,30 @@ def summarize_lm(per_input: list[dict], config: LLMConfig) -> dict:
     return out
 
 
+def llm_parity(ref, bundle) -> tuple[dict, list[int], np.ndarray]:
+    """The GGUF LLM against the reference's (both families: `ref` has llm, prompt, eos_ids and
+    speech_embeddings) on every parity input, teacher-forced along the reference's greedy ids.
+    Returns the report and the first input's reference tokens and hidden states, which the speech
+    stages' parity continues from."""
+    precision, config = bundle.stages["llm"].precision, stage_llm_config(bundle, "llm")
+    per_input, first_ref = [], None
+    with LlamaCppLLM(bundle.file("llm"), config) as llm:
+        for _, speech in parity_inputs():
+            with torch.no_grad():
+                _, emb = ref.speech_embeddings(speech)
+                tokens, hidden = greedy_decode(ref.llm, ref.prompt.prefix_ids, emb, ref.prompt.suffix_ids,
+                                               PARITY_TOKENS, ref.eos_ids, ignore_eos=True)
+                logits = ref.llm.lm_head(hidden).numpy()
+            first_ref = first_ref or (tokens, hidden.numpy())
+            llm.reset()
+            llm.eval_tokens(ref.prompt.prefix_ids)
+            llm.eval_embeddings(emb.numpy())
+            first = llm.eval_tokens(ref.prompt.suffix_ids, want_last=True)
+            logits_rt, hidden_rt = teacher_forced(llm, first, tokens)
+            per_input.append(lm_agreement(precision, tokens, logits, hidden.numpy(), logits_rt, hidden_rt))
+    return summarize_lm(per_input, config), *first_ref
+
+
 def mel_and_encoder_parity(ref, bundle, audio: np.ndarray) -> dict:
     """numpy log-mel vs torch, and the encoder+adapter ONNX vs PyTorch in every encoder mode (both
     families: `ref` has n_mels, encoder and speech_embeddings(audio, pad_to_30s))."""
@@ -126,24 +150,7 @@ def measure_parity(ref: ReferencePipeline, bundle_dir: Path, omega: int = 10) ->
 
     report.update(mel_and_encoder_parity(ref, bundle, audio))
 
-    precision = bundle.stages["llm"].precision
-    config = stage_llm_config(bundle, "llm")
-    per_input, hidden_ref = [], None
-    with LlamaCppLLM(bundle.file("llm"), config) as llm:
-        for _, speech in parity_inputs():
-            with torch.no_grad():
-                _, emb = ref.speech_embeddings(speech)
-                tokens, hidden = greedy_decode(ref.llm, ref.prompt.prefix_ids, emb, ref.prompt.suffix_ids,
-                                               PARITY_TOKENS, ref.eos_ids, ignore_eos=True)
-                logits = ref.llm.lm_head(hidden).numpy()
-            hidden_ref = hidden.numpy() if hidden_ref is None else hidden_ref  # the first input drives the rest
-            llm.reset()
-            llm.eval_tokens(ref.prompt.prefix_ids)
-            llm.eval_embeddings(emb.numpy())
-            first = llm.eval_tokens(ref.prompt.suffix_ids, want_last=True)
-            logits_rt, hidden_rt = teacher_forced(llm, first, tokens)
-            per_input.append(lm_agreement(precision, tokens, logits, hidden.numpy(), logits_rt, hidden_rt))
-    report["llm"] = summarize_lm(per_input, config)
+    report["llm"], _, hidden_ref = llm_parity(ref, bundle)
 
     units_ref = ref.generator.predict(torch.from_numpy(hidden_ref))
     gen = StreamingUnitGenerator(bundle)

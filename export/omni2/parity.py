@@ -9,16 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnilite.quant.accuracy import teacher_forced
 from omnilite.runtime.bundle import load_bundle
-from omnilite.runtime.llm import LlamaCppLLM, stage_llm_config
+from omnilite.runtime.llm import stage_llm_config
 from omnilite.runtime.metrics import relative_max_error, snr_db
 from omnilite.runtime.omni2.flow import FlowDecoder
 from omnilite.runtime.omni2.hift import HiFTVocoder
 from omnilite.runtime.omni2.tts import TTSWriter
 
 from ..parity import THRESHOLDS as LM_THRESHOLDS
-from ..parity import _prefix_agreement, fixed_audio, lm_agreement, mel_and_encoder_parity, parity_inputs, summarize_lm
+from ..parity import _prefix_agreement, fixed_audio, llm_parity, mel_and_encoder_parity
 from .reference import Omni2ReferencePipeline, rw_chunks
 
 PARITY_TOKENS = 32
@@ -64,23 +63,7 @@ def measure_parity(ref: Omni2ReferencePipeline, bundle_dir: Path) -> dict:
 
     report.update(mel_and_encoder_parity(ref, bundle, audio))
 
-    precision, config = bundle.stages["llm"].precision, stage_llm_config(bundle, "llm")
-    per_input, hidden_ref, tokens_ref = [], None, None
-    with LlamaCppLLM(bundle.file("llm"), config) as llm:
-        for _, speech in parity_inputs():
-            _, emb = ref.speech_embeddings(speech)
-            tokens, hidden = ref.text(emb, PARITY_TOKENS, ignore_eos=True)
-            with torch.no_grad():
-                logits = ref.llm.lm_head(hidden).numpy()
-            if hidden_ref is None:  # the first input drives the TTS LM and the vocoder stages
-                tokens_ref, hidden_ref = tokens, hidden.numpy()
-            llm.reset()
-            llm.eval_tokens(ref.prompt.prefix_ids)
-            llm.eval_embeddings(emb.numpy())
-            first = llm.eval_tokens(ref.prompt.suffix_ids, want_last=True)
-            logits_rt, hidden_rt = teacher_forced(llm, first, tokens)
-            per_input.append(lm_agreement(precision, tokens, logits, hidden.numpy(), logits_rt, hidden_rt))
-    report["llm"] = summarize_lm(per_input, config)
+    report["llm"], tokens_ref, hidden_ref = llm_parity(ref, bundle)
 
     read, write = 3, 10
     ref_tts, rt_tts = tts_parity(ref, bundle, tokens_ref, hidden_ref, read, write, PARITY_TTS_TOKENS)

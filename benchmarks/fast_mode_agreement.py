@@ -11,11 +11,11 @@ the runtime's encoder and llama.cpp with the bundle's own settings).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
+from omnilite.benchmarks.report import write_report
 from omnilite.runtime.audio import prepare_speech, read_wav
 from omnilite.runtime.bundle import load_bundle
 from omnilite.runtime.encoder import ENCODER_MODES, SpeechEncoder
@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="path stem for the .json and .md results")
     args = p.parse_args(argv)
     report = agreement(Path(args.bundle), args.tokens)
-    Path(args.out + ".json").write_text(json.dumps(report, indent=1))
-    Path(args.out + ".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 

@@ -12,13 +12,13 @@ attention off, and the quantizer records the verdict (`runtime.llm.FLASH_ATTN`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
+from omnilite.benchmarks.report import write_report
 from omnilite.benchmarks.quant_real_weights import PROMPTS, smollm2_path
 from omnilite.quant.accuracy import greedy_with_logits, kl_divergence, teacher_forced
 from omnilite.quant.gguf_quant import quantize_gguf
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     report = measure(Path(args.work), args.threads, args.rounds)
     host = detect_host()
     report["host"] = {"cpu": host.cpu_model, "features": sorted(host.features)}
-    Path(args.out + ".json").write_text(json.dumps(report, indent=1))
-    Path(args.out + ".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 

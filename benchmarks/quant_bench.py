@@ -39,13 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
+import omnilite
 from omnilite.runtime.bundle import Bundle, load_bundle
 
 from .streaming import package_versions
 
 log = logging.getLogger(__name__)
 
-QUESTION = Path(__file__).resolve().parents[1] / "omnilite" / "data" / "question.wav"
+QUESTION = Path(omnilite.__file__).parent / "data" / "question.wav"  # in the source tree and the wheel alike
 ONNX_STAGES = ("encoder", "speech_generator", "vocoder")
 LLM_TYPES = ("F16", "Q8_0", "Q4_K_M")
 REAL_LAYERS = 32

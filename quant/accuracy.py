@@ -16,7 +16,8 @@ Per stage (role):
 * llm: top-1 agreement and mean KL(reference || quantized) of the next-token distributions over
   the teacher-forced reply (llama.cpp logits), cosine of the hidden states the speech decoder
   reads, and whether the greedy reply (text) changes;
-* decoder: agreement of the per-frame unit/blank predictions, and of the collapsed units;
+* decoder: relative error of the per-frame unit/blank logits (judged), agreement of the per-frame
+  predictions and of the collapsed units (reported: argmax over near-tied random-weight classes flips);
 * vocoder: duration agreement, waveform SNR and log-mel distance of the audio.
 
 The encoder and LLM sections are shared by every family; LLaMA-Omni2's TTS LM, flow and HiFT
@@ -28,27 +29,29 @@ Torch-free: numpy, onnxruntime and llama.cpp only (the runtime's stage classes).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+import omnilite
 from omnilite.runtime.audio import prepare_speech, read_wav
 from omnilite.runtime.bundle import Bundle
 from omnilite.runtime.encoder import SpeechEncoder
-from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
+from omnilite.runtime.llm import LlamaCppLLM, stage_llm_config
 from omnilite.runtime.mel import mel_filters
 from omnilite.runtime.metrics import cosine_rows, relative_max_error, snr_db
 from omnilite.runtime.onnx_session import SessionOptions
-from omnilite.runtime.units import StreamingUnitGenerator, ctc_collapse
+from omnilite.runtime.units import ctc_collapse
 from omnilite.runtime.vocoder import UnitVocoder
 
 from .presets import FAMILY_ROLES, tolerance
 
 log = logging.getLogger(__name__)
 
-QUESTION = Path(__file__).resolve().parents[1] / "omnilite" / "data" / "question.wav"
+QUESTION = Path(omnilite.__file__).parent / "data" / "question.wav"  # in the source tree and the wheel alike
 
 
 @dataclass(frozen=True)
@@ -164,9 +167,8 @@ def _prefill(llm: LlamaCppLLM, prompt: dict, embeds: np.ndarray):
 
 
 def _open_llm(bundle: Bundle, n_ctx: int, threads: int | None) -> LlamaCppLLM:
-    # The KV cache type the runtime would use for this bundle (f32 only for an f32 LLM).
-    kv = "f32" if bundle.stages["llm"].precision in ("f32", "F32") else "f16"
-    return LlamaCppLLM(bundle.file("llm"), LLMConfig(n_ctx=n_ctx, n_threads=threads, kv_cache=kv))
+    # The KV cache type and attention kernel the runtime uses for this bundle.
+    return LlamaCppLLM(bundle.file("llm"), stage_llm_config(bundle, "llm", n_ctx=n_ctx, n_threads=threads))
 
 
 def until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
@@ -178,16 +180,50 @@ def until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
     return out
 
 
-def _frame_predictions(gen: StreamingUnitGenerator, bundle: Bundle, hidden: np.ndarray, omega: int) -> np.ndarray:
-    """Raw per-frame unit/blank predictions, fed chunk by chunk with the KV cache as the runtime does."""
-    cfg = bundle["speech_generator"]
-    key = value = np.zeros((int(cfg["layers"]), 1, int(cfg["heads"]), 0, int(cfg["head_dim"])), np.float32)
-    preds = []
-    for a in range(0, len(hidden), omega):
-        p, key, value = gen.session.run(None, {"hidden": np.ascontiguousarray(hidden[a:a + omega], np.float32)[None],
-                                               "past_key": key, "past_value": value})
-        preds.append(p[0])
-    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+class FrameScorer:
+    """The speech decoder's graph with the input of its final ArgMax (the per-frame unit/blank
+    logits) as an extra output, run chunk by chunk with the KV cache as the runtime does. The
+    judged metrics read the logits: the argmax of a random-weight decoder over 1001 nearly tied
+    classes flips with any rounding change, the logits themselves do not."""
+
+    def __init__(self, bundle: Bundle, ort_opts: SessionOptions, workdir: Path):
+        import onnx
+
+        from omnilite.runtime.onnx_session import open_session
+
+        from .onnx_quant import save_model
+
+        cfg = bundle["speech_generator"]
+        model = onnx.load(str(bundle.file("speech_generator")))
+        argmax = [n for n in model.graph.node if n.op_type == "ArgMax"][-1]
+        # Cast: an fp16 graph's logits are float16 inside (its inputs and outputs stay float32).
+        model.graph.node.append(onnx.helper.make_node("Cast", [argmax.input[0]], ["omnilite_logits"],
+                                                      to=onnx.TensorProto.FLOAT))
+        model.graph.output.append(onnx.helper.make_tensor_value_info("omnilite_logits", onnx.TensorProto.FLOAT, None))
+        path = workdir / f"{id(self)}.onnx"
+        save_model(model, path)
+        self.session = open_session(path, ort_opts)
+        self.cache_shape = (int(cfg["layers"]), 1, int(cfg["heads"]), 0, int(cfg["head_dim"]))
+
+    def __call__(self, hidden: np.ndarray, omega: int) -> tuple[np.ndarray, np.ndarray]:
+        """(per-frame predictions, per-frame logits) for `hidden`, fed `omega` states at a time."""
+        key = value = np.zeros(self.cache_shape, np.float32)
+        preds, logits = [], []
+        for a in range(0, len(hidden), omega):
+            p, key, value, z = self.session.run(None, {"hidden": np.ascontiguousarray(hidden[a:a + omega], np.float32)[None],
+                                                       "past_key": key, "past_value": value})
+            preds.append(p[0])
+            logits.append(z.reshape(len(p[0]), -1))
+        if not preds:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return np.concatenate(preds), np.concatenate(logits)
+
+
+def logit_rel_error(ref: np.ndarray, test: np.ndarray) -> float:
+    """||test - ref|| / ||ref|| of row-centred logits (softmax ignores a shift of a row)."""
+    r, t = np.asarray(ref, np.float64), np.asarray(test, np.float64)
+    r, t = r - r.mean(axis=-1, keepdims=True), t - t.mean(axis=-1, keepdims=True)
+    return float(np.linalg.norm(t - r) / max(np.linalg.norm(r), 1e-30))
 
 
 def fixed_units(n: int = 60, seed: int = 7, vocab: int = 1000) -> list[int]:
@@ -331,24 +367,27 @@ def _llama_omni_speech(quantized: Bundle, reference: Bundle, run: ChainRun) -> t
     # Speech decoder --------------------------------------------------------------------------
     st = _stage_of(quantized, "decoder")
     omega = int(reference["streaming"]["omega"])
-    gen_ref = StreamingUnitGenerator(reference, ort_opts)
-    blank = gen_ref.blank
-    frames_ref = _frame_predictions(gen_ref, reference, run.hidden_ref, omega)
+    blank = int(reference["speech_generator"]["blank"])
     same = _same_file(quantized, reference, st)
-    gen_q = gen_ref if same else StreamingUnitGenerator(quantized, ort_opts)
-    frames_q = frames_ref if same else _frame_predictions(gen_q, quantized, run.hidden_ref, omega)
+    with tempfile.TemporaryDirectory(prefix="omnilite-accuracy-") as tmp:
+        scorer_ref = FrameScorer(reference, ort_opts, Path(tmp))
+        scorer_q = scorer_ref if same else FrameScorer(quantized, ort_opts, Path(tmp))
+        frames_ref, logits_ref = scorer_ref(run.hidden_ref, omega)
+        frames_q, logits_q = (frames_ref, logits_ref) if same else scorer_q(run.hidden_ref, omega)
+        units_e2e = ctc_collapse(scorer_q(run.hidden_e2e, omega)[0], blank, None)
+        del scorer_ref, scorer_q
     units_ref = ctc_collapse(frames_ref, blank, None)
     units_q = ctc_collapse(frames_q, blank, None)
     metrics = {
+        "logit_rel_error": logit_rel_error(logits_ref, logits_q),
         "frame_agreement": float(np.mean(frames_ref == frames_q)) if len(frames_ref) else 1.0,
         "unit_agreement": sequence_agreement(units_ref, units_q),
         "units_identical": units_ref == units_q,
         "units_reference": len(units_ref), "units_quantized": len(units_q), "frames": int(len(frames_ref)),
     }
     stages["decoder"] = {"stage": st, **_judge("decoder", prec[st], metrics, overrides, same)}
-    units_e2e = ctc_collapse(_frame_predictions(gen_q, quantized, run.hidden_e2e, omega), blank, None)
-    del gen_ref, gen_q
-    log.info("accuracy: decoder frame agreement %.3f", metrics["frame_agreement"])
+    log.info("accuracy: decoder logit relative error %.4f, frame agreement %.3f", metrics["logit_rel_error"],
+             metrics["frame_agreement"])
 
     # Vocoder (duration predictor + HiFi-GAN) --------------------------------------------------
     st = _stage_of(quantized, "vocoder")
@@ -383,7 +422,7 @@ def _llama_omni_speech(quantized: Bundle, reference: Bundle, run: ChainRun) -> t
 _SHOW = {
     "encoder": ("cosine_min", "cosine_mean", "rel_rms_error", "rel_max_error"),
     "llm": ("top1_agreement", "mean_kl", "max_kl", "hidden_cosine_min", "greedy_text_changed"),
-    "decoder": ("frame_agreement", "unit_agreement", "units_identical"),
+    "decoder": ("logit_rel_error", "frame_agreement", "unit_agreement", "units_identical"),
     "tts": ("top1_agreement", "mean_kl", "max_kl", "greedy_token_agreement"),
     "flow": ("mel_rel_error", "mel_rel_max_error", "mel_cosine_min"),
     "vocoder": ("snr_db", "log_mel_distance_db", "duration_agreement"),

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from omnilite.runtime.bundle import Bundle
-from omnilite.runtime.llm import LLMConfig
+from omnilite.runtime.llm import stage_llm_config
 from omnilite.runtime.metrics import relative_max_error, snr_db
 from omnilite.runtime.omni2.flow import FlowDecoder
 from omnilite.runtime.omni2.hift import HiFTVocoder
@@ -47,8 +47,7 @@ class _RecordingWriter(TTSWriter):
 
 
 def _open_writer(bundle: Bundle, run: ChainRun, n_ctx: int) -> _RecordingWriter:
-    kv = "f32" if bundle.stages["tts_lm"].precision in ("f32", "F32") else "f16"  # as the runtime chooses
-    return _RecordingWriter(bundle, LLMConfig(n_ctx=n_ctx, kv_cache=kv), run.ort_opts)
+    return _RecordingWriter(bundle, stage_llm_config(bundle, "tts_lm", n_ctx=n_ctx), run.ort_opts)  # as the runtime runs it
 
 
 def write_all(writer: _RecordingWriter, hidden: np.ndarray, tokens: list[int], read: int, write: int, max_final: int,

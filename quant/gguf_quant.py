@@ -3,7 +3,8 @@
 No external binary: the same library that runs the model quantizes it. llama.cpp chooses the type
 per tensor (e.g. Q4_K_M keeps some ``attn_v`` / ``ffn_down`` tensors at Q6_K and the output
 matrix at Q6_K; rows whose width is not a multiple of 256 fall back to a 32-wide type). What it
-actually chose is read back from the file and recorded, so a fallback is visible in the report.
+actually chose is read back from the file and recorded (count per ggml type), so a fallback is
+visible in the report, and the stage's label says when no tensor got the asked type's main type.
 """
 
 from __future__ import annotations
@@ -138,9 +139,11 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
     os.replace(tmp, dst)
     types = gguf_tensor_types(dst)
     main = _MAIN_TENSOR_TYPE[qtype]
-    details = {"method": f"llama.cpp llama_model_quantize ({qtype})", "tensor_types": types}
+    details = {"method": f"llama.cpp llama_model_quantize ({qtype})", "tensor_types": types, "label": qtype}
     if main not in types:
         # Tiny test models: rows narrower than 256 cannot use k-quants, llama.cpp picked 32-wide types.
+        # The label says so, so that `info` does not claim a type no tensor has.
         details["fallback"] = f"no tensor got {main}; llama.cpp fell back to {', '.join(types)} (row widths not a multiple of its block)"
-        log.warning("%s: %s", Path(dst).stem, details["fallback"])  # the stage file: llm or tts_lm
+        details["label"] = f"{qtype} (no tensor got {main}: rows too narrow, kept as {'/'.join(types)})"
+        log.info("%s: %s", Path(dst).stem, details["fallback"])  # the stage file: llm or tts_lm
     return details

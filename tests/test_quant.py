@@ -1,11 +1,12 @@
 """Quantization of the tiny bundle: every preset's stages load and run in the runtime, the accuracy
-report is measured and recorded, a corrupted quantized weight fails it, --strict turns a failure
-into exit status 2 with nothing written, and requantization is refused or done as documented."""
+report is measured and recorded, a corrupted quantized weight fails it, a failure is exit status 2
+with nothing written unless --allow-fail, and requantization is refused or done as documented."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from omnilite.cli import main
 from omnilite.quant import QuantizeOptions, measure_accuracy, quantize_bundle
 from omnilite.quant.accuracy import AccuracyOptions, kl_divergence, log_mel_distance_db, sequence_agreement
+from omnilite.quant.gguf_quant import gguf_tensor_types
 from omnilite.quant.onnx_quant import OnnxQuantConfig, quantize_onnx
 from omnilite.runtime import Done, Pipeline, PipelineConfig
 from omnilite.runtime.bundle import MANIFEST, load_bundle, sha256_file
@@ -33,7 +35,7 @@ TOKENS = 16  # report length in tests (the CLI default is 32)
 STAGE_METRICS = {
     "encoder": ("cosine_min", "cosine_mean", "rel_rms_error", "rel_max_error"),
     "llm": ("top1_agreement", "mean_kl", "max_kl", "hidden_cosine_min", "greedy_text_changed"),
-    "decoder": ("frame_agreement", "unit_agreement", "units_identical"),
+    "decoder": ("logit_rel_error", "frame_agreement", "unit_agreement", "units_identical"),
     "vocoder": ("snr_db", "log_mel_distance_db", "duration_agreement"),
 }
 
@@ -58,7 +60,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("preset", list(EXPECTED))
-def test_every_quantized_stage_loads_and_runs_in_the_runtime(quantized, preset, question_16k):
+def test_every_quantized_stage_loads_and_runs_in_the_runtime(quantized, preset, bundle, question_16k):
     b = load_bundle(quantized[preset])  # hashes of the new files verified
     assert {s.name: s.precision for s in b.stages.values()} == EXPECTED[preset]
     details = b["quantization"]["stages"]
@@ -70,7 +72,12 @@ def test_every_quantized_stage_loads_and_runs_in_the_runtime(quantized, preset, 
         assert details["encoder"]["int8_nodes"]  # the adapter stays int8
         assert details["vocoder"]["quantized_ops"].get("ConvInteger", 0) > 0
         assert len(details["vocoder"]["kept_float"]) == 2  # conv_pre and conv_post
-        assert "fallback" in details["llm"]  # 64-wide rows cannot take Q4_K: recorded, not hidden
+        # 64-wide rows cannot take Q4_K: the tensor types read back from the file say so, and so
+        # does the label `info` prints (every tensor of the source is counted).
+        types = details["llm"]["tensor_types"]
+        assert "fallback" in details["llm"] and "Q4_K" not in types and "Q8_0" in types
+        assert sum(types.values()) == sum(gguf_tensor_types(Path(bundle) / "llm.gguf").values())
+        assert details["llm"]["label"] == f"Q4_K_M (no tensor got Q4_K: rows too narrow, kept as {'/'.join(types)})"
     for name, d in details.items():
         if b.stages[name].precision != d["source_precision"]:
             assert d["bytes"] < d["source_bytes"], name
@@ -151,14 +158,14 @@ def _corrupt_onnx_weight(path: Path) -> str:
     return target.name
 
 
-def _corrupt_gguf_tensor(path: Path, name: str) -> None:
-    import gguf
+def _coarser_gguf(bundle_dir: Path, source: Path) -> None:
+    """Replace the bundle's Q8_0 LLM by a Q4_0 one, its manifest still saying Q8_0 (a quantizer that
+    wrote the wrong type). Quicker than editing a tensor in place: gguf.GGUFReader decodes the
+    whole vocabulary first (14 s on the tiny model)."""
+    from omnilite.quant.gguf_quant import quantize_gguf
 
-    reader = gguf.GGUFReader(str(path), "r+")
-    tensor = next(t for t in reader.tensors if t.name == name)
-    data = tensor.data.view(np.uint8).reshape(-1)
-    data[:] = np.random.default_rng(1).integers(0, 256, data.size, dtype=np.uint8)
-    reader.data.flush()
+    (bundle_dir / "llm.gguf").unlink()
+    quantize_gguf(source / "llm.gguf", bundle_dir / "llm.gguf", "Q4_0", progress=False)
 
 
 def _rehash(bundle_dir: Path) -> None:
@@ -169,29 +176,44 @@ def _rehash(bundle_dir: Path) -> None:
     (bundle_dir / MANIFEST).write_text(json.dumps(m))
 
 
+def _scale_quantized_weight(path: Path, factor: float) -> str:
+    """Multiply the per-channel scales of a graph's first int8 matmul weight by `factor` (a
+    quantizer that wrote a wrong scale); returns the scale's name."""
+    model = onnx.load(str(path))
+    target = next(t for t in model.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1 and t.dims[0] > 1)
+    target.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(target) * np.float32(factor), target.name))
+    onnx.save(model, str(path))
+    return target.name
+
+
 def test_a_corrupted_quantized_weight_fails_the_report(quantized, bundle, tmp_path):
     bad = shutil.copytree(quantized["balanced"], tmp_path / "bad")
     _corrupt_onnx_weight(bad / "encoder.onnx")
-    _corrupt_gguf_tensor(bad / "llm.gguf", "blk.0.ffn_down.weight")
+    _coarser_gguf(bad, Path(bundle))
+    _scale_quantized_weight(bad / "speech_generator.onnx", 1.5)
     _rehash(bad)
     report = measure_accuracy(load_bundle(bad), load_bundle(bundle), AccuracyOptions(tokens=TOKENS))
     assert not report["ok"]
-    assert set(report["failed"]) >= {"encoder", "llm"}
-    assert "cosine_mean" in report["stages"]["encoder"]["failed_metrics"]
-    assert report["stages"]["decoder"]["ok"] and report["stages"]["vocoder"]["ok"]  # charged to the right stages
-    # The intact bundle passes the same check.
-    good = measure_accuracy(load_bundle(quantized["balanced"]), load_bundle(bundle), AccuracyOptions(tokens=TOKENS))
-    assert good["stages"]["encoder"]["ok"]
+    assert report["failed"] == ["encoder", "llm", "decoder"]  # charged to the right stages: the vocoder passes
+    assert report["stages"]["encoder"]["failed_metrics"] == ["cosine_mean", "rel_rms_error"]
+    assert report["stages"]["llm"]["failed_metrics"] == ["mean_kl"]
+    assert report["stages"]["decoder"]["failed_metrics"] == ["logit_rel_error"]
+    # The intact bundle passed the same judgement (its report, measured when it was written).
+    good = json.loads((quantized["balanced"] / MANIFEST).read_text())["quantization"]["accuracy"]
+    assert good["ok"] and good["failed"] == []
 
 
 def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
+    return _error_line_of(capsys.readouterr().err)
+
+
+def _error_line_of(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
 
-def test_strict_exits_nonzero_on_a_corrupted_stage_and_writes_nothing(bundle, tmp_path, capsys, monkeypatch):
+def test_a_stage_over_its_tolerance_exits_2_and_writes_nothing_unless_allow_fail(bundle, tmp_path, capsys, monkeypatch):
     import omnilite.quant.onnx_quant as onnx_quant
 
     real = onnx_quant.quantize_onnx
@@ -204,29 +226,37 @@ def test_strict_exits_nonzero_on_a_corrupted_stage_and_writes_nothing(bundle, tm
 
     monkeypatch.setattr(onnx_quant, "quantize_onnx", corrupting)
     out = tmp_path / "q"
+    # --strict, the default now, is still accepted.
     code = main(["quantize", str(bundle), str(out), "--preset", "balanced", "--strict", "--report-tokens", str(TOKENS)])
     assert code == 2
     printed = capsys.readouterr()
-    assert "FAIL encoder" in printed.out
-    assert "error: quantized stage(s) encoder exceed their tolerance" in printed.err and "no bundle was written" in printed.err
+    assert printed.out.count("FAIL") == 1 and "FAIL encoder" in printed.out
+    line = _error_line_of(printed.err)
+    assert re.fullmatch(r"error: quantized stage encoder misses its tolerance \(encoder cosine_mean=[-0-9.e]+, limit >= 0\.98; "
+                        r"encoder rel_rms_error=[0-9.e]+, limit <= 0\.2\); no bundle was written \(pass --allow-fail to "
+                        r"keep it anyway, or --tolerance ROLE\.METRIC=VALUE to change a limit\)\.", line), line
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no bundle, no partial dir
 
-    # Without --strict the bundle is written and the failure is reported loudly.
-    assert main(["quantize", str(bundle), str(out), "--preset", "balanced", "--report-tokens", str(TOKENS)]) == 0
+    # With --allow-fail the bundle is written, the status is 0 and the failure is said once.
+    assert main(["quantize", str(bundle), str(out), "--preset", "balanced", "--allow-fail", "--report-tokens", str(TOKENS)]) == 0
     printed = capsys.readouterr()
-    assert "FAIL encoder" in printed.out and "exceed their tolerance" in printed.err
+    assert printed.out.count("FAIL") == 1 and "FAIL encoder" in printed.out
+    warnings = [x for x in printed.err.splitlines() if "tolerance" in x]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING: quantized stage encoder misses its tolerance (encoder "), printed.err
+    assert warnings[0].endswith("; kept with --allow-fail.")
     assert json.loads((out / MANIFEST).read_text())["quantization"]["accuracy"]["failed"] == ["encoder"]
     assert main(["info", str(out)]) == 0
     assert "FAIL encoder" in capsys.readouterr().out
 
 
-def test_strict_with_a_user_tolerance_in_a_real_process(bundle, tmp_path):
+def test_the_default_exit_status_in_a_real_process(bundle, tmp_path):
     out = tmp_path / "q"
     r = subprocess.run([sys.executable, "-m", "omnilite", "quantize", str(bundle), str(out), "--preset", "small",
-                        "--strict", "--tolerance", "encoder.cosine_mean=0.999999", "--report-tokens", str(TOKENS)],
+                        "--tolerance", "encoder.cosine_mean=0.999999", "--report-tokens", str(TOKENS)],
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert "exceed their tolerance (encoder: cosine_mean)" in r.stderr and not out.exists()
+    assert "error: quantized stage encoder misses its tolerance (encoder cosine_mean=0.99" in r.stderr
+    assert ", limit >= 0.999999); no bundle was written" in r.stderr and "Traceback" not in r.stderr and not out.exists()
     bad = subprocess.run([sys.executable, "-m", "omnilite", "quantize", str(bundle), str(out), "--tolerance", "encoder.snr=3"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "must be ROLE.METRIC=NUMBER" in bad.stderr
@@ -238,7 +268,10 @@ def test_info_prints_the_quantization_report(quantized, capsys):
     assert "quantization: preset small" in out and "accuracy against" in out
     for role in ("encoder", "llm", "decoder", "vocoder"):
         assert f" {role} " in out
-    assert "int4" in out and "Q4_K_M" in out and "% of" in out
+    assert "int4" in out and "% of" in out
+    # The LLM's label says what llama.cpp wrote: no tensor of the tiny model is wide enough for Q4_K.
+    assert re.search(r"\n +Q4_K_M \(no tensor got Q4_K: rows too narrow, kept as [A-Z0-9_/]+\); tensors written: "
+                     r"\d+ F32, \d+ Q5_0, \d+ Q8_0\n", out), out
 
 
 def test_quantizing_a_quantized_bundle_is_refused(quantized, bundle, tmp_path, capsys):
@@ -280,6 +313,12 @@ def test_export_with_a_preset(tiny_checkpoint, tmp_path, capsys):
     assert m["quantization"]["accuracy"]["stages"]["encoder"]["metrics"]["cosine_min"] > 0.9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]  # the unquantized export is gone
     assert "wrote bundle" in capsys.readouterr().out
+    # A stage over its tolerance: status 2, and neither the bundle nor the unquantized export is left.
+    failing = tmp_path / "failing"
+    assert main(["export", str(tiny_checkpoint), str(failing), "--preset", "small", "--no-parity",
+                 "--tolerance", "encoder.cosine_mean=0.999999", "--report-tokens", str(TOKENS)]) == 2
+    assert _error_line(capsys).startswith("error: quantized stage encoder misses its tolerance (encoder cosine_mean=")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]
 
 
 def test_onnx_quantizer_refuses_an_already_quantized_graph(quantized, tmp_path):

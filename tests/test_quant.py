@@ -309,6 +309,9 @@ def test_export_with_a_preset(tiny_checkpoint, tmp_path, capsys):
     m = json.loads((out / MANIFEST).read_text())
     precisions = {s["name"]: s["precision"] for s in m["stages"]}
     assert precisions["encoder"] == "int4" and precisions["speech_generator"] == "int8" and precisions["llm"] == "Q4_K_M"
+    # The f32 export ran the LLM without flash attention; its Q4_K_M copy keeps llama.cpp's choice
+    # (benchmarks/results/flash_attn.md: same KL, faster prefill).
+    assert next(s for s in m["stages"] if s["name"] == "llm")["flash_attn"] == "auto"
     assert m["quantization"]["source"]["path"] is None and "not kept" in m["quantization"]["source"]["note"]
     assert m["quantization"]["accuracy"]["stages"]["encoder"]["metrics"]["cosine_min"] > 0.9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]  # the unquantized export is gone

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BundleError, OmniliteError
-from ..llm import LLMConfig
+from ..llm import stage_llm_config
 from ..pipeline import Pipeline, PipelineConfig
 from ..vocoder import VocoderStreamConfig
 from .flow import FlowDecoder, FlowStreamConfig
@@ -145,9 +145,8 @@ class Omni2Pipeline(Pipeline):
         max_final = int(config.max_tts_tokens or bundle["tts"]["max_tokens_final"])
         # The TTS context holds every fused text token, every written speech token and <sep>.
         tts_ctx = config.max_new_tokens * (1 + -(-self.write // self.read)) + max_final + 16
-        tts_kv = "f32" if bundle.stages["tts_lm"].precision == "f32" else "f16"
-        writer = TTSWriter(bundle, LLMConfig(n_ctx=max(512, tts_ctx), n_threads=config.threads_for("speech_generator"),
-                                             n_gpu_layers=config.n_gpu_layers, kv_cache=tts_kv),
+        writer = TTSWriter(bundle, stage_llm_config(bundle, "tts_lm", n_ctx=max(512, tts_ctx), n_gpu_layers=config.n_gpu_layers,
+                                                    n_threads=config.threads_for("speech_generator")),
                            ort_for("speech_generator"), config.tts)
         self.tts = writer
         self.units = _TTSStage(writer, self.write, max_final)

@@ -151,8 +151,10 @@ def _respond_to_file(bundle: Path, wav_in: str, wav_out: str, text_out: Path | N
 
 
 def cmd_make_tiny(args) -> int:
+    import importlib.util
+
     progress = not args.quiet  # a bar per step on stderr; importing PyTorch alone takes seconds first
-    if progress:
+    if progress and importlib.util.find_spec("torch") is not None:  # without it, the one error line says so
         print("make-tiny: loading PyTorch ...", file=sys.stderr, flush=True)
     if args.family == "llama-omni2":
         from omnilite.export.omni2.tiny import make_tiny_llama_omni2

@@ -11,6 +11,7 @@ and reports omnilite / baseline ratios. Writes bench.json, bench.md and a waterf
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -226,7 +227,7 @@ def _torch_baseline(cfg: BenchConfig, bundle, threads: int) -> dict:
         from omnilite.export.checkpoint import LlamaOmniCheckpoint
         from omnilite.export.reference import ReferencePipeline, greedy_decode
     except ImportError:
-        raise OmniliteError("--baseline torch needs the export extra; run `pip install -e '.[export]'`.") from None
+        raise OmniliteError("--baseline torch needs the export extra; install it with `pip install 'omnilite[export]'`.") from None
     src = bundle["source"]
     try:
         ckpt = LlamaOmniCheckpoint.open(src["model_dir"], src["speech_encoder"], src["vocoder"])
@@ -301,7 +302,14 @@ def write_outputs(report: dict, one_turn: Done, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "bench.json", (json.dumps(report, indent=2) + "\n").encode())
     atomic_write_bytes(out_dir / "bench.md", markdown(report).encode())
-    waterfall_png(one_turn, out_dir / "waterfall.png", report)
+    if can_draw_waterfall():
+        waterfall_png(one_turn, out_dir / "waterfall.png", report)
+    else:  # a torch-free runtime install has no plotting library; the numbers are all in bench.json
+        log.warning("waterfall.png not drawn: matplotlib is not installed (pip install 'omnilite[bench]').")
+
+
+def can_draw_waterfall() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def markdown(r: dict) -> str:

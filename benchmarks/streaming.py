@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+import omnilite
 from omnilite.runtime import Done, Pipeline, PipelineConfig
 from omnilite.runtime.audio import read_wav
 
 log = logging.getLogger(__name__)
 
-QUESTION = Path(__file__).resolve().parents[1] / "omnilite" / "data" / "question.wav"
+QUESTION = Path(omnilite.__file__).parent / "data" / "question.wav"  # in the source tree and the wheel alike
 MODES = ("sequential", "overlapped")
 ROWS = MODES + ("staged",)
 METRICS = ("ttfa", "ttft", "total")

@@ -130,7 +130,8 @@ class WhisperWeights(Mapping):
     def __init__(self, tensors: SafetensorsDir, pt_path: Path | None, pt_state: Mapping | None):
         self.tensors, self.pt_path, self.pt_state = tensors, pt_path, pt_state or {}
         self.saved = [n[len(ENCODER_PREFIX):] for n in tensors if n.startswith(ENCODER_PREFIX)]
-        self.from_pt = [n[len("encoder."):] for n in self.pt_state if n.startswith("encoder.") and n[len("encoder."):] not in set(self.saved)]
+        saved = set(self.saved)
+        self.from_pt = [n[len("encoder."):] for n in self.pt_state if n.startswith("encoder.") and n[len("encoder."):] not in saved]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if ENCODER_PREFIX + name in self.tensors.where:

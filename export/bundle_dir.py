@@ -18,7 +18,7 @@ from omnilite.runtime.errors import OmniliteError
 log = logging.getLogger(__name__)
 
 
-_held: set[Path] = set()  # targets this process has locked (the CLI locks OUT around an export that locks it too)
+_held: set[Path] = set()  # targets this process has locked (export --preset locks OUT around a quantization that locks it too)
 
 
 @contextmanager

@@ -280,23 +280,19 @@ def _quantize_and_print(run) -> int:
 
 def _export_quantized(args, family: str, export) -> int:
     """`export(path, overwrite)` writes the unquantized bundle of `family`."""
-    from omnilite.export.bundle_dir import target_lock
     from omnilite.quant import export_with_preset, plan_for
 
     plan_for(args.preset, _quant_overrides(args), family)  # a bad override fails before the export
-    with target_lock(Path(args.out)):  # held from the unquantized export to the quantized bundle
-        return _quantize_and_print(lambda: export_with_preset(export, args.out, _quant_options(args),
-                                                              keep_unquantized=args.keep_unquantized))
+    return _quantize_and_print(lambda: export_with_preset(export, args.out, _quant_options(args),
+                                                          keep_unquantized=args.keep_unquantized))
 
 
 def cmd_quantize(args) -> int:
-    from omnilite.export.bundle_dir import target_lock
     from omnilite.quant import quantize_bundle
 
     _check_output_dir(args.out, "OUT")
     options = _quant_options(args, allow_requantize=args.allow_requantize, reference=args.reference)
-    with target_lock(Path(args.out)):
-        return _quantize_and_print(lambda: quantize_bundle(args.bundle, args.out, options))
+    return _quantize_and_print(lambda: quantize_bundle(args.bundle, args.out, options))
 
 
 def cmd_info(args) -> int:

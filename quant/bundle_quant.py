@@ -29,7 +29,7 @@ from omnilite.runtime.bundle import MANIFEST, Bundle, load_bundle, sha256_file
 from omnilite.runtime.errors import BundleError, OmniliteError
 from omnilite.runtime.llm import default_flash_attn
 
-from omnilite.export.bundle_dir import replace_dir
+from omnilite.export.bundle_dir import building_dir, target_lock
 
 from .accuracy import AccuracyOptions, measure_accuracy
 from .presets import FAMILY_ROLES, FIXED_STAGES, UNQUANTIZED, bits, plan_for, table_precision
@@ -168,10 +168,7 @@ def quantize_bundle(source: str | Path, out: str | Path, options: QuantizeOption
     requantize = _check_requantization(src, targets, options)
     reference = _find_reference(src, options) if requantize else src
 
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building_dir(out) as tmp:  # locked against a second writer of OUT; removed if anything fails
         manifest = _build(src, tmp, targets, plan, requantize, options)
         if options.report:
             report = measure_accuracy(load_bundle(tmp, verify=False), reference,
@@ -184,10 +181,6 @@ def quantize_bundle(source: str | Path, out: str | Path, options: QuantizeOption
             if not report["ok"] and not options.allow_fail:
                 raise QuantizationFailed(f"{failure_summary(report)}; no bundle was written (pass --allow-fail to keep "
                                          "it anyway, or --tolerance ROLE.METRIC=VALUE to change a limit).", report)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return QuantizeResult(out, manifest)
 
 
@@ -327,11 +320,12 @@ def export_with_preset(export: Callable[[Path, bool], object], out: str | Path, 
     if out.exists() and any(out.iterdir()) and not quant_options.overwrite:
         raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass --force.")
     fp32 = Path(keep_unquantized) if keep_unquantized else out.with_name(f".{out.name}.unquantized")
-    try:
-        # A temporary directory is always ours to replace; a kept one only with --force.
-        export(fp32, quant_options.overwrite or not keep_unquantized)
-        # A temporary source is about to disappear: the manifest says so instead of naming it.
-        return quantize_bundle(fp32, out, replace(quant_options, record_source=bool(keep_unquantized)))
-    finally:
-        if not keep_unquantized:
-            shutil.rmtree(fp32, ignore_errors=True)
+    with target_lock(out):  # held from the unquantized export to the quantized bundle
+        try:
+            # A temporary directory is always ours to replace; a kept one only with --force.
+            export(fp32, quant_options.overwrite or not keep_unquantized)
+            # A temporary source is about to disappear: the manifest says so instead of naming it.
+            return quantize_bundle(fp32, out, replace(quant_options, record_source=bool(keep_unquantized)))
+        finally:
+            if not keep_unquantized:
+                shutil.rmtree(fp32, ignore_errors=True)

@@ -287,7 +287,8 @@ class SpeechEncoder:
 class EncoderStream:
     """Feeds audio as it arrives; in a blocked mode each completed block is encoded at once, so
     after the end of speech only the last block remains. Other modes encode in `finish()`.
-    `finish()` returns exactly what `SpeechEncoder(audio, mode)` returns for the whole audio."""
+    `finish()` returns exactly what `SpeechEncoder(audio, mode)` returns for the audio so far, and
+    leaves the stream as it was: more audio may follow (a speculative reply that was dropped)."""
 
     def __init__(self, encoder: SpeechEncoder, mode: EncoderMode):
         self.encoder = encoder
@@ -296,6 +297,15 @@ class EncoderStream:
         self._n = 0
         self._done: list[np.ndarray] = []  # embeddings of completed blocks
         self._encoded = 0  # samples covered by completed blocks
+
+    @property
+    def samples(self) -> int:
+        return self._n
+
+    @property
+    def final(self) -> np.ndarray | None:
+        """Embeddings no later audio can change (the completed blocks), or None."""
+        return np.concatenate(self._done) if self._done else None
 
     def push(self, audio_16k: np.ndarray) -> int:
         """Add 16 kHz mono samples; returns how many blocks this call encoded."""
@@ -318,13 +328,18 @@ class EncoderStream:
             self._audio = [np.concatenate(self._audio)]
         return self._audio[0] if self._audio else np.zeros(0, np.float32)
 
-    def finish(self) -> np.ndarray:
-        """Encode what is left and return all speech embeddings, as the offline call would."""
+    def pending(self) -> EncoderInput:
+        """The log-mel of every window not encoded yet (all of them outside blocked modes)."""
         audio = self._joined()
         if not self.mode.streams:
-            return self.encoder(audio, self.mode)
+            return self.encoder.mel(audio, self.mode)
         windows = self.mode.windows(self._n, self.encoder.quantum, self.encoder.max_frames * HOP)
-        for w in windows[len(self._done):]:
-            self._done.append(self.encoder.embed(self.encoder._window_mel(audio, w)))
-        out = np.concatenate(self._done)
+        return EncoderInput(tuple(self.encoder._window_mel(audio, w) for w in windows[len(self._done):]), self.mode)
+
+    def finish(self, pending: EncoderInput | None = None) -> np.ndarray:
+        """All speech embeddings of the audio so far, as the offline call gives them: the completed
+        blocks, then `pending` (default: `self.pending()`) encoded now, then the fill."""
+        pending = self.pending() if pending is None else pending
+        parts = self._done + [self.encoder.embed(m) for m in pending.mels]
+        out = np.concatenate(parts)
         return fill_window(out, self.encoder.padding_embeddings()) if self.mode.fill else out

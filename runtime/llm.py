@@ -102,6 +102,7 @@ class LlamaCppLLM:
         # One ubatch per llama_decode call: a prefill piece is computed in one graph.
         cparams.n_batch = cparams.n_ubatch = config.n_batch
         cparams.n_threads = cparams.n_threads_batch = config.n_threads or os.cpu_count() or 1
+        self.threads = (cparams.n_threads, cparams.n_threads_batch)  # (decode, prefill); see set_threads
         # Hidden states next to the logits; switched on per decode only where an output is wanted.
         cparams.embeddings = True
         cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # per position, not pooled
@@ -155,6 +156,16 @@ class LlamaCppLLM:
     @property
     def n_past(self) -> int:
         return self._n_past
+
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        """Threads for the next decodes (single-position steps, and prefill pieces): a pipeline moves
+        cores between stages per phase (all to the path to the first audio sample, then shared)."""
+        self._open()
+        n_batch_threads = n_threads if n_threads_batch is None else n_threads_batch
+        if n_threads < 1 or n_batch_threads < 1:
+            raise OmniliteError(f"an LLM needs at least 1 thread, got {n_threads}/{n_batch_threads}.")
+        llama_cpp.llama_set_n_threads(self._ctx, int(n_threads), int(n_batch_threads))
+        self.threads = (int(n_threads), int(n_batch_threads))
 
     def _open(self) -> None:
         """Calling llama.cpp with a freed context would crash the process; fail in Python instead."""

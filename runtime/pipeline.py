@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import importlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from .events import AudioChunk, Done, Event, TextDelta, Timing
 from .llm import LlamaCppLLM, stage_llm_config
 from .onnx_session import SessionOptions
 from .streaming import CancelToken, Cancelled, Channel, StageClock
+from .turn import TurnInput
 from .units import StreamingUnitGenerator
 from .vocoder import UnitVocoder, VocoderStreamConfig
 
@@ -54,6 +56,8 @@ STAGES = ("resample", "mel", "encoder", "llm_prefill", "llm_decode", "speech_gen
 # What separates the previous assistant reply from the next user turn's speech in the llama_3
 # template (used only for bundles exported before the manifest stored these ids).
 _TURN_PREFIX_TEXT = "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+# LLaMA-Omni's first speech chunk, in text tokens (benchmarks/results/turn_latency-*.md measures it).
+FIRST_OMEGA = 3
 _JOIN_TIMEOUT_S = 60.0  # a stage finishes its current chunk well within this; more means a hang
 
 
@@ -63,6 +67,9 @@ class PipelineConfig:
     # fast modes (e.g. "tail-2s+fill", "unpadded") are listed in runtime/encoder.py.
     encoder_mode: str | None = None
     omega: int | None = None  # text tokens per speech chunk; None: the bundle's (10)
+    # Text tokens in the first speech chunk (LLaMA-Omni): fewer gives earlier first audio at no cost
+    # in accuracy (the unit generator and vocoder stream exactly); None: FIRST_OMEGA, at most omega.
+    first_omega: int | None = None
     max_new_tokens: int = 256
     ignore_eos: bool = False  # benchmarks force a fixed reply length with random weights
     vocoder: VocoderStreamConfig = field(default_factory=VocoderStreamConfig)
@@ -124,8 +131,9 @@ class Pipeline:
         self.units = StreamingUnitGenerator(bundle, ort_for("speech_generator"))
         self.vocoder = UnitVocoder(bundle, ort_for("vocoder"))
         self.omega = int(config.omega or bundle["streaming"]["omega"])
-        if self.omega < 1:
-            raise OmniliteError(f"omega must be at least 1 text token per chunk, got {self.omega}.")
+        self.first_omega = min(self.omega, int(config.first_omega or FIRST_OMEGA))
+        if self.omega < 1 or self.first_omega < 1:
+            raise OmniliteError(f"omega must be at least 1 text token per chunk, got {self.omega} (first {self.first_omega}).")
         self.sample_rate = self.vocoder.sample_rate
         self._busy = threading.Lock()  # one reply at a time: the stages hold per-reply state
         self._conversation: Conversation | None = None  # the one whose history is in the KV cache
@@ -140,6 +148,7 @@ class Pipeline:
             raise OmniliteError("queue sizes must be at least 1 chunk; raise queue_size / event_queue_size.")
         self.bundle = bundle
         self.config = config
+        self.first_omega: int | None = None  # None: the first chunk is `omega` tokens like the rest
         def ort_for(stage: str) -> SessionOptions:
             return SessionOptions(providers=config.providers, intra_op_threads=config.threads_for(stage) or 0,
                                   profile_dir=config.profile_dir)
@@ -192,10 +201,29 @@ class Pipeline:
     def start_reply(self, audio: np.ndarray, sample_rate: int, *, conversation: Conversation | None = None,
                     t0: float | None = None, mode: str | None = None) -> "Reply":
         """Like `respond`, but returns the `Reply` itself, whose `cancel()` may be called from any thread."""
+        return Reply(self, conversation or Conversation(), t0, self._mode(mode), audio=(audio, sample_rate))
+
+    def begin_turn(self, conversation: Conversation, encoder_mode: str | None = None) -> TurnInput:
+        """A user turn whose audio (16 kHz mono) is fed as it arrives (`TurnInput.feed`); answer it with
+        `reply_to`. In blocked encoder modes completed blocks are encoded and prefilled while the user
+        speaks (runtime/turn.py says what each mode can move)."""
+        return TurnInput(self, conversation, encoder_mode)
+
+    def reply_to(self, turn: TurnInput, *, t0: float | None = None, mode: str | None = None,
+                 speculative: bool = False) -> "Reply":
+        """The reply to a fed turn: only what the end of speech decides runs now. A `speculative`
+        reply (started before the end of the turn is confirmed) runs and streams as usual, but the
+        conversation records it only after `Reply.commit()`; `Reply.drop()` (the user spoke again)
+        cuts the cache back to the turn as fed and leaves the turn open for more audio."""
+        if turn.pipe is not self:
+            raise OmniliteError("this turn was begun on another Pipeline; feed it to the one that answers.")
+        return Reply(self, turn.conversation, t0, self._mode(mode), turn=turn, speculative=speculative)
+
+    def _mode(self, mode: str | None) -> str:
         mode = mode or self.config.mode
         if mode not in MODES:
             raise OmniliteError(f"pipeline mode {mode!r} is unknown; use one of: {', '.join(MODES)}.")
-        return Reply(self, audio, sample_rate, conversation or Conversation(), t0, mode)
+        return mode
 
     def prepare(self, conversation: Conversation) -> int:
         """Evaluate the part of the conversation's next user turn that precedes the speech (the system
@@ -230,28 +258,50 @@ class Pipeline:
         conv.prepared_tokens = len(ids)
         return len(ids)
 
-    def _prefill(self, conv: Conversation, embeds: np.ndarray, state: _ReplyState) -> tuple[np.ndarray, np.ndarray]:
+    def _ensure_room(self, conv: Conversation, speech_positions: int) -> bool:
+        """Make room for a turn of `speech_positions` and its reply; True when the history was dropped."""
+        needed = speech_positions + len(self.suffix_ids) + self.config.max_new_tokens + 1
+        if not conv.turns or self.llm.n_past + needed <= self.llm.n_ctx:
+            return False
+        log.warning("the conversation no longer fits n_ctx=%d (%d + %d positions); dropping the history of %d turns",
+                    self.llm.n_ctx, self.llm.n_past, needed, conv.turns)
+        conv.turns, conv.pending, conv.prepared_at = 0, [], -1
         self._prepare(conv)
-        needed = len(embeds) + len(self.suffix_ids) + self.config.max_new_tokens + 1
-        if conv.turns and self.llm.n_past + needed > self.llm.n_ctx:
-            log.warning("the conversation no longer fits n_ctx=%d (%d + %d positions); dropping the history of %d turns",
-                        self.llm.n_ctx, self.llm.n_past, needed, conv.turns)
-            conv.turns, conv.pending, conv.prepared_at = 0, [], -1
-            self._prepare(conv)
+        return True
+
+    def _prefill(self, conv: Conversation, turn: TurnInput, embeds: np.ndarray, state: _ReplyState) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluate what the turn has not yet put into the cache: its last speech positions and the
+        prompt suffix. Returns the last position's (logits, hidden)."""
+        self._prepare(conv)
+        if turn.prefilled and self.llm.n_past != turn.prefilled_at:
+            raise OmniliteError("the LLM cache moved since this turn was fed (another reply ran); begin the turn again.")
+        if self._ensure_room(conv, len(embeds) - turn.prefilled):
+            turn.prefilled, turn.prefilled_at = 0, -1  # the history went, and the turn's early positions with it
             state.stats["history_dropped"] = 1
+        rest = embeds[turn.prefilled:]
         first = None
         try:
-            self.llm.eval_embeddings(embeds)
+            if len(rest):
+                self.llm.eval_embeddings(rest)
             first = self.llm.eval_tokens(self.suffix_ids, want_last=True)
         finally:
-            if first is None and conv.prepared_at >= 0:  # failed midway: back to as prepared, not half a turn
-                self.llm.truncate(min(conv.prepared_at, self.llm.n_past))
+            if first is None and conv.prepared_at >= 0:  # failed midway: back to as fed, not half a turn
+                self.llm.truncate(min(turn.rollback_point, self.llm.n_past))
         state.stats["prompt_tokens"] = conv.prepared_tokens + len(embeds) + len(self.suffix_ids)
+        state.stats["prefilled_early"] = turn.prefilled
         state.stats["context"] = self.llm.n_past
         return first
 
-    def _finish_turn(self, conv: Conversation, tokens: list[int]) -> None:
-        """Record where the dialogue stands after a reply (complete, cut at max_new_tokens or cancelled)."""
+    def _finish_turn(self, conv: Conversation, tokens: list[int], turn: TurnInput | None = None, dropped: bool = False) -> None:
+        """Record where the dialogue stands after a reply (complete, cut at max_new_tokens or cancelled).
+        A dropped reply (a speculative start the user talked over) leaves no trace: the cache goes
+        back to the turn as fed, and the turn stays open."""
+        if dropped and turn is not None:
+            if conv.prepared_at >= 0 and self.llm.n_past > turn.rollback_point:
+                self.llm.truncate(turn.rollback_point)
+            return
+        if turn is not None:
+            turn.closed = True
         if not tokens:
             # Cancelled before the reply began: forget this user turn, keep the prepared part.
             if conv.prepared_at >= 0 and self.llm.n_past > conv.prepared_at:
@@ -269,20 +319,28 @@ class Pipeline:
     def _llm_items(self, reply: "Reply") -> Iterator[tuple[int, object]]:
         """Frontend + LLM: yields (_TEXT, TextDelta) and (_HIDDEN, (hidden chunk, final))."""
         clock, state, token = reply.clock, reply.state, reply.token
-        with clock.stage("resample"):
-            speech = prepare_speech(reply.audio, reply.sample_rate, 16000)
+        turn = reply.turn
+        if turn is None:  # the whole question at once
+            with clock.stage("resample"):
+                speech = prepare_speech(*reply.audio, 16000)
+            turn = reply.turn = TurnInput(self, reply.conversation, ingest=False)
+            turn.feed(speech)
+        else:
+            turn.check()
         token.check()
         with clock.stage("mel"):
-            mel = self.encoder.mel(speech, self.config.encoder_mode)
+            mel = turn.pending()
         with clock.stage("encoder"):
-            embeds = self.encoder.embed(mel)
+            embeds = turn.embeddings(mel)
         token.check()
         try:
+            self._phase(reply, "llm")
             with clock.stage("llm_prefill"):
-                first = self._prefill(reply.conversation, embeds, state)
+                first = self._prefill(reply.conversation, turn, embeds, state)
             token.check()
             text_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             pending: list[np.ndarray] = []
+            chunk = self.first_omega or self.omega  # a short first chunk: earlier first audio
             steps = self.llm.generate(self.config.max_new_tokens, ignore_eos=self.config.ignore_eos, first=first)
             while True:
                 with clock.stage("llm_decode"):
@@ -299,16 +357,18 @@ class Pipeline:
                 # The reply's last token goes out with the final chunk (not as a full chunk followed by
                 # an empty final one): LLaMA-Omni2's TTS treats the final chunk differently.
                 last = len(state.tokens) >= self.config.max_new_tokens or (tok in self.eos_ids and not self.config.ignore_eos)
-                if len(pending) == self.omega and not last:
+                if len(pending) == chunk and not last:
                     yield _HIDDEN, (np.stack(pending), False)
-                    pending = []
+                    pending, chunk = [], self.omega
                 token.check()  # between tokens: a cancelled reply stops after at most one more
+                self._phase(reply, "llm")
             tail = text_decoder.decode(b"", final=True)
             if tail:
                 yield _TEXT, TextDelta(tail)
             yield _HIDDEN, (np.stack(pending) if pending else None, True)
         finally:
-            self._finish_turn(reply.conversation, state.tokens)
+            reply.wait_for_commit()
+            self._finish_turn(reply.conversation, state.tokens, turn, dropped=reply.dropped)
 
     def _speech_units(self, reply: "Reply", hidden: np.ndarray | None, final: bool) -> Iterator[tuple[list[int], bool]]:
         """(units, last) pieces for one hidden-state chunk; `last` marks the reply's final piece. One
@@ -331,15 +391,40 @@ class Pipeline:
                 wav = np.concatenate([wav, reply.stream.flush()])
         return wav
 
+    # --- thread budget per phase -----------------------------------------------------------------
+
+    def _phase(self, reply: "Reply", stage: str) -> None:
+        """Move cores between stages at a phase boundary; each stage calls this from its own thread
+        (llama.cpp's thread count is per context and must not change under a running decode) at the
+        reply's start and between its steps. Until the first audio sample leaves, every stage on the
+        path to it may use every core: there they mostly run one after another. Once it is out
+        (`reply.steady`), each stage goes back to its own share, as they now overlap. A family with
+        more llama.cpp contexts (LLaMA-Omni2's TTS LM) extends this for its stages."""
+        if stage != "llm" or reply.phase.get(stage) == reply.steady:
+            return
+        reply.phase[stage] = reply.steady
+        own = self.config.threads_for("llm") or self.cores
+        self.llm.set_threads(own if reply.steady else max(own, self.cores), max(own, self.cores))
+
+    @property
+    def cores(self) -> int:
+        return self.config.threads or os.cpu_count() or 1
+
 
 class Reply:
     """One reply in progress. Iterate it (once) for events; `cancel()` (any thread) stops every
     stage within one chunk, drops queued audio and ends the iteration without a `Done`."""
 
-    def __init__(self, pipe: Pipeline, audio: np.ndarray, sample_rate: int, conversation: Conversation,
-                 t0: float | None, mode: str):
+    def __init__(self, pipe: Pipeline, conversation: Conversation, t0: float | None, mode: str, *,
+                 audio: tuple[np.ndarray, int] | None = None, turn: TurnInput | None = None,
+                 speculative: bool = False):
         self.pipe = pipe
-        self.audio, self.sample_rate = audio, sample_rate
+        self.audio = audio  # (samples, rate) of the whole question, or None with a fed `turn`
+        self.turn = turn
+        self.dropped = False
+        self._committed = threading.Event()
+        if not speculative:
+            self._committed.set()
         self.conversation = conversation
         self.t0 = time.perf_counter() if t0 is None else t0
         self.mode = mode
@@ -348,6 +433,8 @@ class Reply:
         self.state = _ReplyState()
         self.stream = pipe.vocoder.stream(pipe.config.vocoder)
         self.threads: list[threading.Thread] = []
+        self.steady = False  # the first audio sample has left: stages share the cores (see Pipeline._phase)
+        self.phase: dict[str, bool] = {}  # stage -> the `steady` value its threads were last set for
         self.finished = False
         self._errors: list[BaseException] = []
         self._started = False
@@ -358,6 +445,24 @@ class Reply:
 
     def cancel(self) -> None:
         self.token.cancel()
+
+    def drop(self) -> None:
+        """Cancel as if the reply had never started (a speculative start the user talked over):
+        the cache goes back to the turn as fed, the conversation counts no turn, the turn stays open."""
+        if self._committed.is_set():
+            raise OmniliteError("this reply has been committed; cancel() it instead.")
+        self.dropped = True
+        self.token.cancel()
+
+    def commit(self) -> None:
+        """A speculative reply's turn is confirmed: the conversation may record it."""
+        self._committed.set()
+
+    def wait_for_commit(self) -> None:
+        """Called by the LLM stage before it records the turn: a speculative reply may still be dropped."""
+        while not self._committed.wait(0.02):
+            if self.token.cancelled:
+                return
 
     def join(self, timeout: float = _JOIN_TIMEOUT_S) -> bool:
         """Wait for the worker threads; True when none is left."""
@@ -481,6 +586,7 @@ class Reply:
             latency.setdefault("ttft", time.perf_counter() - self.t0)
         elif isinstance(event, AudioChunk):
             latency.setdefault("ttfa", time.perf_counter() - self.t0)
+            self.steady = True
             self.state.audio.append(event.samples)
         yield event
 

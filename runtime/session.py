@@ -4,12 +4,21 @@ The microphone side calls `feed(block, rate)` with blocks of any size (10-40 ms 
 rate; the speaker side calls `read_output(n)` for each block it plays. Between them:
 
     feed -> stream resampler (16 kHz) -> VAD per 32 ms window -> endpointer
-         -> turn job -> runner thread: Pipeline reply (overlapped stages) in the Conversation
+         -> runner thread: the turn's audio into a `TurnInput` as it arrives; at silence onset a
+            speculative reply; at the confirmed end of turn that reply is committed
          -> text events; audio into the playback buffer -> read_output
 
 Turn-taking: speech that lasts `min_speech_ms` opens a turn (TurnStarted); `min_silence_ms` of
-silence closes it (TurnEnded) and the reply starts. t0 for the turn's latencies is the last speech
-sample, timed by when the block holding it arrived, not when the endpointer fired. Speech that opens
+silence closes it (TurnEnded). t0 for the turn's latencies is the last speech sample, timed by when
+the block holding it arrived, not when the endpointer fired.
+
+Work moves before the confirmed end of turn in two ways. While the user speaks, the turn's audio is
+fed to a `TurnInput` (runtime/turn.py: in blocked encoder modes completed blocks are encoded and
+prefilled; in the others only the prompt prefix moves). At silence onset (`pad_ms` of silence after
+the last speech, when the audio the reply needs is complete) the reply starts speculatively: its
+text and audio are held back until the endpointer confirms the turn (then they are released at
+once), and dropped, with the LLM cache cut back and nothing played, if the user speaks again
+first; `wasted_starts` counts those. Speech that opens
 a turn while the assistant is still answering is a barge-in: queued audio is dropped at once (the
 next output block is silence), every reply stage is cancelled, `Interrupted` is emitted, and the new
 turn proceeds. The KV cache keeps the dialogue: a follow-up turn evaluates only its own positions,
@@ -58,6 +67,12 @@ class SessionConfig:
     max_turn_s: float = 29.0  # the encoder sees at most 30 s: a longer turn is closed here
     barge_in: bool = True  # user speech during a reply interrupts it
     playback_buffer_s: float = 30.0  # reply audio queued for the speaker; the vocoder waits beyond it
+    # Start the reply at silence onset, before min_silence_ms confirms the end of the turn (held back
+    # until then, dropped if the user speaks again): the hangover stops being dead time.
+    speculative_start: bool = True
+    # False: no automatic end of turn (push-to-talk): every block belongs to the open turn and
+    # `commit()` ends it. The VAD still runs for barge-in only when this is True.
+    turn_detection: bool = True
 
     def windows(self, ms: float) -> int:
         return max(1, int(round(ms / 1000 / _WINDOW_S)))
@@ -65,11 +80,31 @@ class SessionConfig:
 
 @dataclass
 class _Job:
+    """A reply to answer: committed (the turn is confirmed) or speculative (started at silence onset)."""
+
     turn: int
-    audio: np.ndarray  # 16 kHz
     t0: float
+    speech_end: int  # 16 kHz input position of the last speech sample: what the reply's audio ends on
+    committed: bool = True
     reply: Reply | None = None
     cancelled: bool = False
+    play: "_Playback | None" = None
+    held: list = field(default_factory=list)  # events of a speculative reply, until it is committed
+
+
+@dataclass
+class _Feed:
+    """Audio of the open turn for the runner's `TurnInput` (the first one of a turn begins it)."""
+
+    turn: int
+    audio: np.ndarray  # 16 kHz
+
+
+@dataclass
+class _Forget:
+    """The open turn was cleared: its positions leave the LLM cache."""
+
+    turn: int
 
 
 @dataclass
@@ -116,9 +151,13 @@ class Session:
         self._last_speech_end = 0
         self._silence_run = 0
         self._turn = 0
+        self._fed = 0  # windows of the open turn's utterance handed to the runner
+        self.wasted_starts = 0  # speculative replies dropped because the user spoke again
         # reply side
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job | _Feed | _Forget | None] = queue.Queue()
         self._job: _Job | None = None  # queued or running
+        self._input = None  # the runner's TurnInput for the open turn (runner thread only)
+        self._input_turn = 0
         self._play: _Playback | None = None
         self._room = threading.Condition(self._lock)  # playback buffer has room / was cleared
         self._closed = False
@@ -167,6 +206,9 @@ class Session:
 
     def _window(self, window: np.ndarray) -> None:
         cfg = self.config
+        if not cfg.turn_detection:
+            self._ptt_window(window)
+            return
         p = self.vad(window)
         start = self._pos
         self._pos += WINDOW
@@ -178,13 +220,56 @@ class Session:
             return
         self._utterance.append(window)
         if p >= cfg.threshold - 0.15:
+            if self._silence_run and self._job is not None and not self._job.committed:
+                self._drop_speculation()  # the user went on speaking
             self._silence_run = 0
             self._last_speech_end = self._pos
         else:
             self._silence_run += 1
+        pad = cfg.windows(cfg.pad_ms)
+        # Audio up to the last speech sample + pad is in the turn whatever comes next.
+        self._feed_turn(min(self._pos, self._last_speech_end + pad * WINDOW))
         too_long = (self._pos - self._utt_start) / VAD_RATE >= cfg.max_turn_s
         if self._silence_run >= cfg.windows(cfg.min_silence_ms) or too_long:
             self._close_turn(self._pos if too_long else self._last_speech_end)
+        elif cfg.speculative_start and self._silence_run == pad and self._job is None:
+            self._speculate()
+
+    def _ptt_window(self, window: np.ndarray) -> None:
+        """Push-to-talk: every window joins the open turn (one opens with the first); `commit()` ends it."""
+        if not self._in_speech:
+            self._utterance, self._utt_start, self._fed = [], self._pos, 0
+            self._in_speech = True
+            self._turn += 1
+            self._events.put(TurnStarted(self._turn, self._pos / VAD_RATE))
+        self._pos += WINDOW
+        self._utterance.append(window)
+        if float(np.max(np.abs(window))) > 0:
+            self._last_speech_end = self._pos
+        self._feed_turn(self._pos)
+
+    def _feed_turn(self, upto: int) -> None:
+        """Hand the open turn's audio up to input position `upto` to the runner's TurnInput."""
+        k = (upto - self._utt_start) // WINDOW
+        if k > self._fed:
+            self._jobs.put(_Feed(self._turn, np.concatenate(self._utterance[self._fed:k])))
+            self._fed = k
+
+    def _speculate(self) -> None:
+        """Silence onset: the reply's audio is complete; start answering before the end is confirmed."""
+        speech_end = self._last_speech_end
+        job = _Job(self._turn, self._time_of(speech_end), speech_end, committed=False)
+        self._job = job
+        self._jobs.put(job)
+
+    def _drop_speculation(self) -> None:
+        job = self._job
+        self._job = None
+        job.cancelled = True
+        if job.reply is not None:
+            job.reply.drop()
+        self.wasted_starts += 1
+        self._room.notify_all()
 
     def _open_turn(self, speech_start: int) -> None:
         cfg = self.config
@@ -202,26 +287,47 @@ class Session:
         self._silence_run = 0
         self._last_speech_end = self._pos
         self._turn += 1
+        self._fed = 0
         self._events.put(TurnStarted(self._turn, speech_start / VAD_RATE))
 
     def _close_turn(self, speech_end: int) -> None:
         pad = self.config.windows(self.config.pad_ms)
         end = min(self._pos, speech_end + pad * WINDOW)
-        audio = np.concatenate(self._utterance)[: end - self._utt_start]
-        t0 = self._time_of(speech_end)
+        self._feed_turn(end)
         self._events.put(TurnEnded(self._turn, self._utt_start / VAD_RATE, speech_end / VAD_RATE,
                                    (self._pos - speech_end) / VAD_RATE))
         self._in_speech = False
         self._speech_run = 0
         self._utterance = []
-        job = _Job(self._turn, audio, t0)
+        job = self._job
+        if job is not None and not job.committed:
+            if job.speech_end == speech_end and job.turn == self._turn:
+                self._commit(job)
+                return
+            self._drop_speculation()
+        job = _Job(self._turn, self._time_of(speech_end), speech_end)
         self._job = job
         self._jobs.put(job)
+
+    def _commit(self, job: _Job) -> None:
+        """The endpointer confirmed the turn a speculative reply answers: release what it held."""
+        job.committed = True
+        if job.reply is not None:
+            job.reply.commit()
+        play = job.play
+        if play is not None:
+            self._play = play
+            for event in job.held:
+                self._events.put(event)
+            job.held = []
+            if play.finished and play.buffered == 0 and (play.first_audio is not None or not play.done.audio.size):
+                self._complete(play)
+        self._room.notify_all()
 
     def _responding(self) -> bool:
         return self._job is not None or self._play is not None
 
-    def _interrupt(self) -> None:
+    def _interrupt(self, reason: str = "barge-in") -> None:
         """Barge-in: silence the speaker now, cancel every stage, drop what is queued."""
         job, play = self._job, self._play
         turn = job.turn if job is not None else play.turn
@@ -233,7 +339,7 @@ class Session:
             if job.reply is not None:
                 job.reply.cancel()
             self._job = None
-        self._events.put(Interrupted(turn, played))
+        self._events.put(Interrupted(turn, played, reason))
 
     # --- speaker side --------------------------------------------------------------------------
 
@@ -271,8 +377,8 @@ class Session:
         limit = int(self.config.playback_buffer_s * self.output_rate)
         with self._lock:
             while True:
-                play = self._play
-                if job.cancelled or play is None or play.turn != job.turn:
+                play = job.play
+                if job.cancelled or (job.committed and self._play is not play):
                     return  # interrupted: this audio is never played
                 if play.buffered < limit or play.buffered == 0:
                     play.chunks.append(samples)
@@ -309,10 +415,22 @@ class Session:
         try:
             self.pipeline.prepare(self.conversation)  # the system prompt, before anyone speaks
             while True:
-                job = self._jobs.get()
-                if job is None:
+                item = self._jobs.get()
+                if item is None:
                     return
-                self._answer(job)
+                if isinstance(item, _Feed):
+                    self._ingest(item)
+                    continue
+                if isinstance(item, _Forget):
+                    if self._input is not None and self._input_turn == item.turn:
+                        self._input.forget()
+                        self._input = None
+                    continue
+                if not self._answer(item):
+                    continue  # dropped: the turn stays open for more audio
+                if self._input is not None and not self._input.closed:
+                    self._input.forget()  # never answered (cancelled first, or refused): out of the cache
+                self._input = None
                 # The next user turn's header goes into the cache while this reply is played.
                 self.pipeline.prepare(self.conversation)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by poll()/feed()
@@ -320,14 +438,25 @@ class Session:
             self._errors.append(e)
             self._events.put(None)  # wake a waiting poll()
 
-    def _answer(self, job: _Job) -> None:
+    def _ingest(self, item: _Feed) -> None:
+        if self._input is None or self._input_turn != item.turn:
+            self._input = self.pipeline.begin_turn(self.conversation)
+            self._input_turn = item.turn
+        self._input.feed(item.audio)
+
+    def _answer(self, job: _Job) -> bool:
+        """Run one reply; False when it was a speculative start that got dropped (turn still open)."""
         with self._lock:
             if job.cancelled:
-                return
-            reply = self.pipeline.start_reply(job.audio, VAD_RATE, conversation=self.conversation, t0=job.t0)
+                return not self._open_input(job)
+            if self._input is None or self._input_turn != job.turn:
+                log.warning("turn %d has no audio to answer", job.turn)
+                return True
+            reply = self.pipeline.reply_to(self._input, t0=job.t0, speculative=not job.committed)
             job.reply = reply
-            play = _Playback(turn=job.turn, t0=job.t0)
-            self._play = play
+            play = job.play = _Playback(turn=job.turn, t0=job.t0)
+            if job.committed:
+                self._play = play
         timings: list[Timing] = []
         done: Done | None = None
         try:
@@ -339,7 +468,8 @@ class Session:
                 elif isinstance(event, Done):
                     done = event
                 elif not job.cancelled:
-                    self._events.put(event)
+                    with self._lock:
+                        (self._events.put if job.committed else job.held.append)(event)
         except AudioError as e:
             # An utterance the pipeline refuses (e.g. near-silent) ends this turn, not the session.
             log.warning("turn %d skipped: %s", job.turn, e)
@@ -348,13 +478,63 @@ class Session:
                     self._play = None
                 if self._job is job:
                     self._job = None
-            return
+            return True
+        if reply.dropped:
+            return False
         with self._lock:
-            if done is None or job.cancelled or self._play is not play:
-                return
+            if done is None or job.cancelled:
+                return True
             play.done, play.timings, play.finished = done, timings, True
-            if play.buffered == 0 and (play.first_audio is not None or not done.audio.size):
+            if job.committed and self._play is play and play.buffered == 0 and (play.first_audio is not None or not done.audio.size):
                 self._complete(play)
+        return True
+
+    def _open_input(self, job: _Job) -> bool:
+        """A cancelled job never started: is its turn still being spoken (a dropped speculation)?"""
+        return not job.committed and self._in_speech and self._turn == job.turn
+
+    # --- explicit turn control (push-to-talk, servers) ---------------------------------------
+
+    def commit(self) -> bool:
+        """End the open user turn now, as if the endpointer had confirmed it, and answer it (with
+        `turn_detection=False` this is how a turn ends). False when no turn is open."""
+        self._raise_errors()
+        with self._lock:
+            if not self.config.turn_detection and self._pending.size:
+                # The last partial window, zero-padded: push-to-talk ends where the caller says.
+                self._window(np.pad(self._pending, (0, WINDOW - self._pending.size)))
+                self._pending = np.zeros(0, np.float32)
+            if not self._in_speech or not self._utterance:
+                return False
+            if self.config.turn_detection:
+                self._last_speech_end = self._pos  # speech ends where the caller says it does
+            self._close_turn(self._pos)
+            return True
+
+    def clear_input(self) -> None:
+        """Drop the open turn's audio (not yet answered) and any audio short of a VAD window."""
+        with self._lock:
+            self._pending = np.zeros(0, np.float32)
+            self._preroll.clear()
+            self._speech_run = 0
+            if not self._in_speech:
+                return
+            job = self._job
+            if job is not None and not job.committed:
+                self._drop_speculation()
+                self.wasted_starts -= 1  # the caller cleared the turn: not a wasted start
+            self._in_speech = False
+            self._utterance = []
+            self._jobs.put(_Forget(self._turn))
+
+    def cancel_reply(self) -> bool:
+        """Stop the reply in progress (queued audio dropped, every stage cancelled) and emit
+        `Interrupted` with reason "cancelled". False when nothing is being answered or played."""
+        with self._lock:
+            if not self._responding() or (self._job is not None and not self._job.committed and self._play is None):
+                return False
+            self._interrupt(reason="cancelled")
+            return True
 
     # --- consumer API --------------------------------------------------------------------------
 

@@ -124,6 +124,10 @@ def test_blocked_stream_encodes_completed_blocks_while_audio_arrives(encoder, qu
         encoded_early = sum(stream.push(audio[a:a + 5923]) for a in range(0, len(audio), 5923))
         assert encoded_early == (2 if mode.startswith("blocked") else 0)
         assert np.array_equal(stream.finish(), encoder(audio, mode))
+        # Finishing leaves the stream as it was: a dropped speculative reply, then more audio.
+        stream.push(question_16k[: 3 * S])
+        longer = np.concatenate([audio, question_16k[: 3 * S]])
+        assert np.array_equal(stream.finish(), encoder(longer, mode))
 
 
 def test_bundle_default_mode_and_runtime_override(bundle, question_16k, tmp_path):

@@ -227,8 +227,15 @@ class LlamaCppLLM:
                 f"The LLM context is full: {self._n_past} + {n} positions exceed n_ctx={self.n_ctx}; "
                 "shorten the input or the reply, or load the LLM with a larger n_ctx."
             )
-        for start in range(0, n, self._n_batch):
-            count = min(self._n_batch, n - start)
+        # With embeddings on and pooling NONE, llama.cpp outputs logits and hidden state for every row
+        # of a decode, whatever the rows ask for: the LM head (vocab x n_embd per row, 136 M
+        # multiply-adds at Qwen2.5-0.5B) and a logits copy for each prompt position. Only the last
+        # position is read, so it is decoded alone, with embeddings on; the rest without outputs.
+        pieces = [(s, min(self._n_batch, n - s)) for s in range(0, n, self._n_batch)]
+        if want_last and pieces[-1][1] > 1:
+            s, c = pieces.pop()
+            pieces += [(s, c - 1), (s + c - 1, 1)]
+        for start, count in pieces:
             last = want_last and start + count == n
             put(start, count)
             batch.n_tokens = count
@@ -236,8 +243,6 @@ class LlamaCppLLM:
                 batch.pos[i] = self._n_past + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                # With embeddings on, llama.cpp outputs logits and hidden state for every row
-                # anyway, so mark all rows of the wanted piece (and none of the others).
                 batch.logits[i] = last
             llama_cpp.llama_set_embeddings(self._ctx, last)
             rc = llama_cpp.llama_decode(self._ctx, batch)
@@ -248,7 +253,7 @@ class LlamaCppLLM:
                     + "; load the LLM with a larger n_ctx, fewer GPU layers or a smaller n_batch."
                 )
             self._n_past += count
-        return self._output(count - 1) if want_last else None
+        return self._output(0) if want_last else None
 
     def _output(self, i: int) -> Output:
         """(logits, hidden) of batch row ``i``; copied, since llama.cpp reuses its buffers."""

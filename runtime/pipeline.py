@@ -67,8 +67,9 @@ class PipelineConfig:
     # fast modes (e.g. "tail-2s+fill", "unpadded") are listed in runtime/encoder.py.
     encoder_mode: str | None = None
     omega: int | None = None  # text tokens per speech chunk; None: the bundle's (10)
-    # Text tokens in the first speech chunk (LLaMA-Omni): fewer gives earlier first audio at no cost
-    # in accuracy (the unit generator and vocoder stream exactly); None: FIRST_OMEGA, at most omega.
+    # Text tokens per speech chunk until the first audio sample is out (LLaMA-Omni): fewer gives
+    # earlier first audio at no cost in accuracy (the unit generator and the vocoder stream exactly);
+    # None: FIRST_OMEGA, at most omega.
     first_omega: int | None = None
     max_new_tokens: int = 256
     ignore_eos: bool = False  # benchmarks force a fixed reply length with random weights
@@ -340,7 +341,7 @@ class Pipeline:
             token.check()
             text_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             pending: list[np.ndarray] = []
-            chunk = self.first_omega or self.omega  # a short first chunk: earlier first audio
+            first_chunk = self.first_omega or self.omega
             steps = self.llm.generate(self.config.max_new_tokens, ignore_eos=self.config.ignore_eos, first=first)
             while True:
                 with clock.stage("llm_decode"):
@@ -357,9 +358,11 @@ class Pipeline:
                 # The reply's last token goes out with the final chunk (not as a full chunk followed by
                 # an empty final one): LLaMA-Omni2's TTS treats the final chunk differently.
                 last = len(state.tokens) >= self.config.max_new_tokens or (tok in self.eos_ids and not self.config.ignore_eos)
-                if len(pending) == chunk and not last:
+                # Until the first audio sample is out, short chunks (the first one may be too short
+                # for the vocoder's lookahead); then `omega` tokens per chunk.
+                if len(pending) == (self.omega if reply.steady else first_chunk) and not last:
                     yield _HIDDEN, (np.stack(pending), False)
-                    pending, chunk = [], self.omega
+                    pending = []
                 token.check()  # between tokens: a cancelled reply stops after at most one more
                 self._phase(reply, "llm")
             tail = text_decoder.decode(b"", final=True)

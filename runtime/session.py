@@ -90,6 +90,7 @@ class _Job:
     cancelled: bool = False
     play: "_Playback | None" = None
     held: list = field(default_factory=list)  # events of a speculative reply, until it is committed
+    released: float | None = None  # when a speculative reply was committed
 
 
 @dataclass
@@ -117,6 +118,7 @@ class _Playback:
     buffered: int = 0
     played: int = 0
     first_audio: float | None = None
+    released: float | None = None  # a speculative reply: when the confirmed turn released it
     underruns: int = 0
     finished: bool = False  # the reply is complete: no more audio will come
     done: Done | None = None
@@ -314,8 +316,10 @@ class Session:
         job.committed = True
         if job.reply is not None:
             job.reply.commit()
+        job.released = time.perf_counter()
         play = job.play
         if play is not None:
+            play.released = job.released
             self._play = play
             for event in job.held:
                 self._events.put(event)
@@ -396,6 +400,13 @@ class Session:
         stats = dict(done.stats, underruns=play.underruns)
         if "ttfa" in timings:
             timings["ttfa_ready"] = timings["ttfa"]  # when the pipeline handed the first audio over
+        if play.released is not None:
+            # A speculative reply's first text and audio were held until the turn was confirmed:
+            # the user saw and could hear them only from then on.
+            for name in ("ttft", "ttfa_ready"):
+                if name in timings:
+                    timings[name] = max(timings[name], play.released - play.t0)
+            stats["speculative"] = 1
         if play.first_audio is not None:
             timings["ttfa"] = play.first_audio - play.t0  # when the speaker took the first sample
         else:
@@ -404,7 +415,9 @@ class Session:
             if t.stage == "ttfa":
                 if "ttfa" in timings:
                     self._events.put(Timing("ttfa", timings["ttfa"]))
-                self._events.put(Timing("ttfa_ready", t.seconds))
+                self._events.put(Timing("ttfa_ready", timings["ttfa_ready"]))
+            elif t.stage == "ttft":
+                self._events.put(Timing("ttft", timings["ttft"]))
             else:
                 self._events.put(t)
         self._events.put(dataclasses.replace(done, timings=timings, stats=stats, turn=play.turn))
@@ -448,13 +461,13 @@ class Session:
         """Run one reply; False when it was a speculative start that got dropped (turn still open)."""
         with self._lock:
             if job.cancelled:
-                return not self._open_input(job)
+                return job.committed  # a dropped speculative start leaves its turn's input as fed
             if self._input is None or self._input_turn != job.turn:
                 log.warning("turn %d has no audio to answer", job.turn)
                 return True
             reply = self.pipeline.reply_to(self._input, t0=job.t0, speculative=not job.committed)
             job.reply = reply
-            play = job.play = _Playback(turn=job.turn, t0=job.t0)
+            play = job.play = _Playback(turn=job.turn, t0=job.t0, released=job.released)
             if job.committed:
                 self._play = play
         timings: list[Timing] = []
@@ -489,9 +502,6 @@ class Session:
                 self._complete(play)
         return True
 
-    def _open_input(self, job: _Job) -> bool:
-        """A cancelled job never started: is its turn still being spoken (a dropped speculation)?"""
-        return not job.committed and self._in_speech and self._turn == job.turn
 
     # --- explicit turn control (push-to-talk, servers) ---------------------------------------
 
@@ -506,9 +516,8 @@ class Session:
                 self._pending = np.zeros(0, np.float32)
             if not self._in_speech or not self._utterance:
                 return False
-            if self.config.turn_detection:
-                self._last_speech_end = self._pos  # speech ends where the caller says it does
-            self._close_turn(self._pos)
+            # With the VAD, speech ended at its last speech window (now, if still speaking).
+            self._close_turn(self._last_speech_end if self.config.turn_detection else self._pos)
             return True
 
     def clear_input(self) -> None:

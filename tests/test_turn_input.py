@@ -214,3 +214,22 @@ def test_push_to_talk_commit_clear_and_cancel(pipe, question_16k, speech):
         assert any(isinstance(e, TurnStarted) for e in events) and session.commit() is True
         events = _drive(session, np.zeros(0, np.float32), extra_s=0.0)
         assert _done(events).turn == 1
+
+
+# --- the first chunk (LLaMA-Omni) ----------------------------------------------------------------
+
+def test_short_first_chunks_give_the_same_audio_after_fewer_llm_tokens(bundle, question_16k):
+    """Chunks of `first_omega` tokens until the first sample is out: the units and the audio are
+    those of the steady chunking (the unit generator and the vocoder stream exactly), and fewer
+    LLM tokens stand before the first audio sample (counted, not timed)."""
+    got = {}
+    for first in (10, 3, 1):
+        with Pipeline.load(bundle, PipelineConfig(first_omega=first, max_new_tokens=40, ignore_eos=True)) as p:
+            d = _done(p.respond(question_16k, S, mode="sequential"))
+        decodes = sum(1 for name, a, _ in d.spans if name == "llm_decode" and a < d.timings["ttfa"])
+        got[first] = (d, decodes)
+    ref = got[10][0]
+    for first, (d, decodes) in got.items():
+        assert d.tokens == ref.tokens and d.units == ref.units
+        assert np.array_equal(d.audio, ref.audio)
+    assert got[1][1] <= got[3][1] < got[10][1] == 10

@@ -5,7 +5,10 @@ otherwise stop at arbitrary points). Stage times come from the sequential mode, 
 one after another so their busy times add up to the wall time; TTFT/TTFA are reported for both the
 sequential and the overlapped (default) mode, measured alternately in the same run. `--baseline
 torch` runs the PyTorch reference pipeline on the same checkpoint and thread count in the same run
-and reports omnilite / baseline ratios. Writes bench.json, bench.md and a waterfall PNG of one turn.
+and reports omnilite / baseline ratios. The baseline runs in PyTorch's fastest precision on this host:
+fp32, plus bf16 where the CPU computes bf16 natively; the ratios use the faster (see baseline.py).
+Every result records the CPU model, its features (present and absent) and the thread counts.
+Writes bench.json, bench.md and a waterfall PNG of one turn.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from omnilite import __version__
-from omnilite.devices.host import detect_host
+from omnilite.devices.host import describe_cpu, detect_host
 from omnilite.devices.profiles import builtin_profiles, choose_profile, get_profile, pipeline_settings, resolve_providers
 from omnilite.runtime.audio import atomic_write_bytes, prepare_speech, read_wav
 from omnilite.runtime.bundle import load_bundle
@@ -31,6 +34,7 @@ from omnilite.runtime.errors import OmniliteError
 from omnilite.runtime.events import Done
 from omnilite.runtime.pipeline import STAGES, Pipeline, PipelineConfig
 
+from .baseline import BaselinePlan, baseline_result, baseline_sentence, plan_baseline, torch_bf16_view
 from .cost import Figures, estimate, host_figures, measure_work, share_before_first_audio
 from .memory import peak_rss_bytes, reset_peak_rss
 
@@ -102,7 +106,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise OmniliteError(f"baseline {cfg.baseline!r} is unknown; use --baseline torch.")
     # The baseline runs first, in a process that holds nothing else yet: the PyTorch reference of an
     # 8B model needs most of the machine's memory.
-    baseline = _torch_baseline(cfg, bundle, threads) if cfg.baseline == "torch" else None
+    baseline = None
+    if cfg.baseline == "torch":
+        plan = plan_baseline(host, _torch_view())
+        baseline = _torch_baselines(cfg, bundle, threads, plan, config("sequential"))
     gc.collect()  # hand the reference's memory back before omnilite loads
 
     reset_peak_rss()  # from here the peak is omnilite's, not the baseline's
@@ -123,6 +130,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     gc.collect()
     report = _report(cfg, host, profile, reason, providers, provider_warnings, threads, bundle, results,
                      load_seconds, speech_seconds)
+    report["threads"] = {"stages": settings["stage_threads"], "llm": threads}
+    if baseline is not None:
+        report["threads"]["torch_baseline"] = threads
     if cfg.estimate:
         report["estimates"] = _estimates(cfg, profile, config("sequential"), raw, rate, report)
     if baseline is not None:
@@ -150,6 +160,7 @@ def _report(cfg, host, profile, reason, providers, warnings, threads, bundle, re
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
         "host": host.to_dict(),
+        "cpu": host.cpu_record(),
         "profile": {"name": profile.name, "reason": reason, "providers": providers, "provider_warnings": warnings,
                     "threads": threads, "n_gpu_layers": profile.n_gpu_layers, "omega": profile.omega},
         "bundle": {"path": str(bundle.path), "family": bundle.family,
@@ -205,22 +216,46 @@ def _available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def _baseline_llm_dtype(n_params: int, available: int):
-    """fp32 (the reference) when its weights fit in free memory with 10% and 1 GiB to spare (for
-    activations and the KV cache), else bfloat16, else None (skipped)."""
+def _baseline_llm_dtype(n_params: int, available: int, precision: str = "fp32"):
+    """The LLM's dtype for a baseline in `precision`: for fp32, fp32 (the reference) when its weights fit
+    in free memory with 10% and 1 GiB to spare (for activations and the KV cache), else bfloat16; for
+    bf16, bfloat16; None (skipped) when that does not fit either."""
     import torch
 
-    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+    candidates = ((torch.float32, 4), (torch.bfloat16, 2)) if precision == "fp32" else ((torch.bfloat16, 2),)
+    for dtype, size in candidates:
         if n_params * size < 0.9 * available - 2**30:
             return dtype
     return None
 
 
-def _torch_baseline(cfg: BenchConfig, bundle, threads: int) -> dict:
-    """The PyTorch reference on the bundle's source checkpoint: it answers offline (the whole reply,
-    then units, then audio), so its first audio sample is ready when everything is, and its TTFA is
-    the sum of its stages. The LLM runs in fp32 when that fits in memory, else bfloat16, else not at
-    all (then there is no TTFA ratio)."""
+def _torch_view() -> dict:
+    try:
+        return torch_bf16_view()
+    except ImportError:
+        raise OmniliteError("--baseline torch needs the export extra; install it with `pip install 'omnilite[export]'`.") from None
+
+
+def _torch_baselines(cfg: BenchConfig, bundle, threads: int, plan: BaselinePlan, config: PipelineConfig) -> dict:
+    """The PyTorch reference in each precision of `plan`; the stored result names the one the ratios use."""
+    if bundle.family == "llama-omni2":
+        by_precision = _omni2_baseline(cfg, bundle, threads, plan.precisions, config)
+        schedule = "all precisions loaded, rounds alternating between them"
+    else:
+        # One precision after the other: each loads its stages one at a time, so an 8B LLM fits.
+        by_precision = {p: _torch_baseline(cfg, bundle, threads, p) for p in plan.precisions}
+        schedule = "one precision after the other, each loading its stages one at a time"
+    ttfa = {p: r["ttfa"]["p50_ms"] / 1000 for p, r in by_precision.items() if "ttfa" in r}
+    return {**baseline_result(by_precision, plan, ttfa), "schedule": schedule}
+
+
+def _torch_baseline(cfg: BenchConfig, bundle, threads: int, precision: str = "fp32") -> dict:
+    """The LLaMA-Omni PyTorch reference on the bundle's source checkpoint: it answers offline (the whole
+    reply, then units, then audio), so its first audio sample is ready when everything is, and its TTFA
+    is the sum of its stages. In fp32 the LLM runs in fp32 when that fits in memory, else bfloat16;
+    in bf16 the encoder, LLM and speech generator run in bfloat16 and the vocoder in fp32 (as the
+    official half-precision inference keeps it); an LLM that does not fit is skipped (then there is no
+    TTFA ratio)."""
     try:
         import torch
 
@@ -239,12 +274,17 @@ def _torch_baseline(cfg: BenchConfig, bundle, threads: int) -> dict:
     audio = prepare_speech(raw, rate, 16000)
     n = cfg.warmup + cfg.runs
     rows: list[dict] = [{} for _ in range(n)]
+    bf16 = precision == "bf16"
+    if bf16:
+        ref.encoder.to(torch.bfloat16)
+        ref.generator.to(torch.bfloat16)
 
     def timed(stage: str, fn):
         """Run one stage n times on the previous stage's output, then drop its weights: the stages
-        wait for each other anyway (offline), and one at a time an 8B LLM fits beside nothing else."""
+        wait for each other anyway (offline), and one at a time an 8B LLM fits beside nothing else.
+        Autocast lets the fp32 tensors a bf16 stage makes inside (log-mel, positions) meet its weights."""
         result = None
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and stage != "vocoder"):
             for row in rows:
                 t = time.perf_counter()
                 result = fn()
@@ -255,15 +295,15 @@ def _torch_baseline(cfg: BenchConfig, bundle, threads: int) -> dict:
 
     _, emb = timed("encoder", lambda: ref.speech_embeddings(audio, pad_to_30s=cfg.encoder_mode == "exact"))
     n_params, available = ckpt.llm_parameters(), _available_memory_bytes()
-    dtype = _baseline_llm_dtype(n_params, available)
+    dtype = _baseline_llm_dtype(n_params, available, precision)
     notes = []
     if dtype is None:
-        notes.append(f"LLM not baselined: {n_params / 1e9:.1f} B parameters need {2 * n_params / 2**30:.1f} GiB even in "
-                     f"bfloat16, {available / 2**30:.1f} GiB free")
+        notes.append(f"LLM not baselined in {precision}: {n_params / 1e9:.1f} B parameters need {2 * n_params / 2**30:.1f} "
+                     f"GiB even in bfloat16, {available / 2**30:.1f} GiB free")
         # The later stages then run on a forced-length reply's worth of random hidden states.
         hidden = torch.randn(cfg.max_new_tokens, ckpt.config["hidden_size"], generator=torch.Generator().manual_seed(0))
     else:
-        if dtype != torch.float32:
+        if precision == "fp32" and dtype != torch.float32:
             notes.append(f"LLM in bfloat16: the fp32 reference needs {4 * n_params / 2**30:.1f} GiB, "
                          f"{available / 2**30:.1f} GiB free")
         ref.__dict__["llm"] = ckpt.llm(dtype)  # in place of the fp32 cached property
@@ -279,22 +319,67 @@ def _torch_baseline(cfg: BenchConfig, bundle, threads: int) -> dict:
     out = {k: _pct([r[k] for r in rows]) for k in ("encoder", "llm", "speech_generator", "vocoder", "ttfa") if k in rows[0]}
     out["rtf"] = float(np.median([r["rtf"] for r in rows]))
     out["threads"] = threads
+    out["precision"] = precision
     out["llm_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else None
+    out["stage_precisions"] = {"encoder": precision, "llm": {None: "skipped", torch.float32: "fp32"}.get(dtype, "bf16"),
+                               "speech_generator": precision, "vocoder": "fp32"}
     out["notes"] = notes
     return out
 
 
+def _omni2_baseline(cfg: BenchConfig, bundle, threads: int, precisions: tuple[str, ...], config: PipelineConfig) -> dict:
+    """The LLaMA-Omni2 PyTorch reference in streaming order to its first audio sample (omni2_bench's
+    baseline, same R/W and reply length as the pipeline), in the units of this report."""
+    try:
+        from .omni2_bench import torch_baseline
+    except ImportError:
+        raise OmniliteError("--baseline torch needs the export extra; install it with `pip install 'omnilite[export]'`.") from None
+    from tqdm import tqdm
+
+    src = bundle["source"]
+    rw = (config.read or bundle["streaming"]["read"], config.write or bundle["streaming"]["write"])
+    raw, rate = read_wav(cfg.input)
+    audio = prepare_speech(raw, rate, 16000)
+    tts_tail = config.max_tts_tokens or bundle["tts"]["max_tokens_final"]
+    with tqdm(total=(cfg.runs + 1) * len(precisions), desc="torch baseline", unit="turn", disable=not cfg.progress) as bar:
+        try:
+            runs = torch_baseline(Path(src["model_dir"]), audio, rw, cfg.max_new_tokens, tts_tail, cfg.runs, threads, bar,
+                                  precisions, speech_encoder=src["speech_encoder"] and Path(src["speech_encoder"]),
+                                  decoder=Path(src["decoder_dir"]))
+        except OmniliteError as e:
+            raise OmniliteError(f"the torch baseline needs the bundle's source checkpoint: {e}") from None
+    out = {}
+    for p, r in runs.items():
+        ms = {k: {"p50_ms": v["p50"] * 1000, "p95_ms": v["p95"] * 1000, "n": v["n"]}
+              for k, v in r.items() if isinstance(v, dict) and "p50" in v}
+        out[p] = {**ms, "threads": threads, "precision": p, "stage_precisions": r["stage_precisions"],
+                  "read": r["read"], "write": r["write"], "notes": [r["note"] + " (one warm-up answer)"]}
+    return out
+
+
 def _with_ratios(out: dict, report: dict) -> dict:
-    """omnilite / baseline ratios. Without the LLM the later stages ran on other hidden states
-    (different units and audio), so only the encoder is compared stage for stage."""
+    """omnilite / baseline ratios for the precision the ratios use and for each precision run. Without
+    the LLM the later stages ran on other hidden states (different units and audio), so only the
+    encoder is compared stage for stage; LLaMA-Omni2's baseline stops at its first audio sample, so
+    only the stages it completes (encoder, prefill) are."""
     ours, stages = report["latency"]["overlapped"], report["stages"]
-    if "ttfa" in out:
-        out["ratio_ttfa"] = ours["ttfa"]["p50_ms"] / out["ttfa"]["p50_ms"]
-        out["ratio_rtf"] = ours["rtf"] / out["rtf"]
-    compared = ("encoder", "speech_generator", "vocoder") if "llm" in out else ("encoder",)
-    out["stage_ratios"] = {s: stages[s]["p50_ms"] / out[s]["p50_ms"] for s in compared if s in stages and s in out}
-    if "llm" in out and "llm_prefill" in stages:
-        out["stage_ratios"]["llm"] = (stages["llm_prefill"]["p50_ms"] + stages["llm_decode"]["p50_ms"]) / out["llm"]["p50_ms"]
+
+    def ratios(b: dict) -> None:
+        if "ttfa" in b:
+            b["ratio_ttfa"] = ours["ttfa"]["p50_ms"] / b["ttfa"]["p50_ms"]
+        if "ttfa" in b and "rtf" in b:
+            b["ratio_rtf"] = ours["rtf"] / b["rtf"]
+        if "llm_prefill" in b:  # LLaMA-Omni2
+            compared = ("encoder", "llm_prefill")
+        else:
+            compared = ("encoder", "speech_generator", "vocoder") if "llm" in b else ("encoder",)
+        b["stage_ratios"] = {s: stages[s]["p50_ms"] / b[s]["p50_ms"] for s in compared if s in stages and s in b}
+        if "llm" in b and "llm_prefill" in stages:
+            b["stage_ratios"]["llm"] = (stages["llm_prefill"]["p50_ms"] + stages["llm_decode"]["p50_ms"]) / b["llm"]["p50_ms"]
+
+    for b in out["by_precision"].values():
+        ratios(b)
+    ratios(out)
     return out
 
 
@@ -316,8 +401,11 @@ def markdown(r: dict) -> str:
     lines = [
         f"# omnilite bench: {Path(r['bundle']['path']).name} ({r['bundle']['family']})",
         "",
-        f"host: {r['host']['cpu_model']}, {r['host']['physical_cores']} cores; profile **{r['profile']['name']}** "
-        f"({r['profile']['reason']}); threads {r['profile']['threads']}; omnilite {r['versions']['omnilite']}, "
+        f"CPU: {describe_cpu(r['cpu'])}",
+        f"profile **{r['profile']['name']}** ({r['profile']['reason']}); threads: "
+        + ", ".join(f"{k} {v}" for k, v in r["threads"]["stages"].items())
+        + (f", PyTorch baseline {r['threads']['torch_baseline']}" if "torch_baseline" in r["threads"] else "")
+        + f"; omnilite {r['versions']['omnilite']}, "
         f"onnxruntime {r['versions']['onnxruntime']}, llama-cpp-python {r['versions']['llama_cpp_python']}",
         f"input {r['input']['speech_seconds']:.2f} s, encoder mode {r['input']['encoder_mode']}, "
         f"{r['forced_tokens']} forced tokens, {r['runs']} runs after {r['warmup']} warm-up; "
@@ -338,13 +426,19 @@ def markdown(r: dict) -> str:
         lines += _estimate_markdown(r["estimates"])
     if "baseline" in r:
         b = r["baseline"]
-        lines += ["", f"PyTorch reference (same checkpoint, {b['threads']} threads, LLM {b.get('llm_dtype') or 'skipped'}): "
-                      + (f"TTFA p50 {b['ttfa']['p50_ms']:.1f} ms, RTF {b['rtf']:.3f}; omnilite (overlapped) / torch: "
-                         f"TTFA {b['ratio_ttfa']:.3f}, RTF {b['ratio_rtf']:.3f}" if "ttfa" in b else "no end-to-end figures")]
-        if b.get("stage_ratios"):
-            lines.append("per stage (omnilite sequential p50 / torch p50): "
-                         + ", ".join(f"{k} {v:.3f}" for k, v in b["stage_ratios"].items()))
-        lines += [f"note: {n}" for n in b.get("notes", [])]
+        lines += ["", "## PyTorch baseline", "", baseline_sentence(b["plan"], b["precision"], b["why"]), ""]
+        for p, x in b["by_precision"].items():
+            stages = ", ".join(f"{k} {v}" for k, v in x["stage_precisions"].items())
+            lines.append(f"- PyTorch {p} (same checkpoint, {x['threads']} threads; {stages}): "
+                         + (f"TTFA p50 {x['ttfa']['p50_ms']:.1f} ms" + (f", RTF {x['rtf']:.3f}" if "rtf" in x else "")
+                            + f"; omnilite (overlapped) / torch: TTFA {x['ratio_ttfa']:.3f}"
+                            + (f", RTF {x['ratio_rtf']:.3f}" if "ratio_rtf" in x else "") if "ttfa" in x else "no end-to-end figures"))
+            if x.get("stage_ratios"):
+                lines.append("  per stage (omnilite sequential p50 / torch p50): "
+                             + ", ".join(f"{k} {v:.3f}" for k, v in x["stage_ratios"].items()))
+            lines += [f"  note: {n}" for n in x.get("notes", [])]
+        if len(b["by_precision"]) > 1:
+            lines.append(f"- measured {b['schedule']}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""LLaMA-Omni2 latency benchmark: omnilite (torch-free runtime) vs the PyTorch fp32 reference, same run.
+"""LLaMA-Omni2 latency benchmark: omnilite (torch-free runtime) vs the PyTorch reference, same run.
 
 For one bundle (and the checkpoint it came from, for the baseline) and a spoken question:
 
@@ -11,11 +11,14 @@ For one bundle (and the checkpoint it came from, for the baseline) and a spoken 
 * peak RSS of each omnilite pipeline (the process high-water mark is reset before each load, so a
   row's peak is its own plus whatever the allocator kept from earlier rows; the first row's is
   clean), all taken before torch is imported;
-* then, in the same process, the PyTorch fp32 baseline: the reference stages in streaming order
+* then, in the same process, the PyTorch baseline in its fastest precision on this host (fp32, and
+  bf16 too where the CPU has native bf16; the ratios use the faster: see baseline.py): the
+  reference stages in streaming order
   (Whisper on 30 s of padding as the release does, LLM prefill and greedy decoding, every R tokens a
   TTS write with a KV cache (the official code re-runs the TTS LM from scratch, so this baseline is
   faster than the release), and the flow + HiFT on the first chunk + lookahead tokens as the
   official streaming call does) to its first audio sample, with its per-stage times;
+* the CPU model, its features (present and absent) and the thread counts, with every result;
 * a waterfall PNG of one overlapped turn (first setting, default encoder mode).
 
 Random weights never stop on their own, so replies have a fixed length (``--tokens`` text tokens,
@@ -42,11 +45,15 @@ from pathlib import Path
 
 import numpy as np
 
+from omnilite.devices.host import describe_cpu
+from omnilite.runtime.audio import atomic_write_bytes
+
+from .baseline import baseline_result, baseline_sentence, plan_baseline, torch_bf16_view
 from .memory import peak_rss_bytes, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "omnilite.bench.omni2/2"
+SCHEMA = "omnilite.bench.omni2/3"
 RESULTS = Path(__file__).parent / "results"
 NOTES_MARK = "<!-- notes -->"
 # Stages of a LLaMA-Omni2 turn as the runtime times them; "vocoder" is flow + HiFT (reported apart).
@@ -137,82 +144,131 @@ def omnilite_row(bundle: Path, base, audio: np.ndarray, rw: tuple[int, int], enc
 
 # --- PyTorch baseline --------------------------------------------------------------------------
 
-def torch_baseline(checkpoint: Path, audio: np.ndarray, rw: tuple[int, int], tokens: int, tts_tail: int, runs: int,
-                   threads: int, bar) -> dict:
+# Stage precisions of the bf16 baseline: what a user would run in bf16 on a CPU with native bf16. The
+# transformers hold bf16 weights; the flow keeps fp32 weights under bf16 autocast (its fp32 time and
+# position embeddings meet its layer norms, which refuse mixed dtypes; autocast casts each weight once
+# per answer); HiFT stays fp32, as CosyVoice keeps it even in its half-precision mode.
+BF16_STAGE_PRECISIONS = {"encoder": "bf16", "llm": "bf16", "speech_generator": "bf16",
+                         "flow": "bf16 (autocast, fp32 weights)", "hift": "fp32"}
+
+
+def _reference(checkpoint: Path, audio: np.ndarray, precision: str, speech_encoder: Path | None = None,
+               decoder: Path | None = None):
+    """The reference pipeline with every stage loaded, its bf16 stages cast for a bf16 baseline."""
     import torch
 
     from omnilite.export.omni2.checkpoint import Omni2Checkpoint
     from omnilite.export.omni2.reference import Omni2ReferencePipeline
+
+    ref = Omni2ReferencePipeline(Omni2Checkpoint.open(checkpoint, speech_encoder, decoder), audio)
+    modules = {"encoder": ref.encoder, "llm": ref.llm, "speech_generator": ref.generator, "flow": ref.flow,
+               "hift": ref.hift}  # load every stage before timing
+    if precision == "bf16":
+        for name, stage_precision in BF16_STAGE_PRECISIONS.items():
+            if stage_precision == "bf16":
+                modules[name].to(torch.bfloat16)
+    return ref
+
+
+def _first_audio(ref, audio: np.ndarray, rw: tuple[int, int], tokens: int, tts_tail: int, precision: str) -> dict:
+    """One answer of the reference in streaming order up to its first audio sample: per-stage seconds."""
+    import torch
+
     from omnilite.export.omni2.tts import GreedyTTS, TTSState
+
+    llm, gen, flow, hift = ref.llm, ref.generator, ref.flow, ref.hift
+    need = flow.c.chunk_tokens + flow.c.pre_lookahead_len
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    xv = torch.from_numpy(ref.xvector)[None]
+    embed = llm.get_input_embeddings()
+    s: dict[str, float] = {"llm_decode": 0.0, "speech_generator": 0.0}
+    # Autocast lets the fp32 tensors the stages make inside (log-mel, noise, positions) meet bf16 weights.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        t0 = time.perf_counter()
+        _, emb = ref.speech_embeddings(audio)  # log-mel + Whisper on 30 s + adapter
+        s["encoder"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        x = torch.cat([embed(torch.tensor([ref.prompt.prefix_ids])), emb[None].to(dtype),
+                       embed(torch.tensor([ref.prompt.suffix_ids]))], 1)
+        o = llm.model(inputs_embeds=x, use_cache=True)
+        past, last = o.past_key_values, o.last_hidden_state[:, -1]
+        s["llm_prefill"] = time.perf_counter() - t
+        tts, state = GreedyTTS(gen, ref.tts_eos, ref.sep_id), TTSState()
+        toks, hid, units, ttft = [], [], [], None
+        for step in range(tokens):
+            t = time.perf_counter()
+            tok = int(llm.lm_head(last).argmax(-1))
+            s["llm_decode"] += time.perf_counter() - t
+            ttft = ttft or time.perf_counter() - t0
+            toks.append(tok)
+            hid.append(last[0])
+            final = step == tokens - 1
+            if len(toks) % rw[0] == 0 or final:
+                t = time.perf_counter()
+                a = (len(toks) - 1) // rw[0] * rw[0]
+                units += ref.units(tts.write(state, torch.stack(hid[a:]), toks[a:], final, rw[1]))
+                s["speech_generator"] += time.perf_counter() - t
+            if len(units) >= need or final:
+                break
+            t = time.perf_counter()
+            o = llm.model(inputs_embeds=embed(torch.tensor([[tok]])), past_key_values=past, use_cache=True)
+            past, last = o.past_key_values, o.last_hidden_state[:, -1]
+            s["llm_decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        tail = rw[1]  # the final text step wrote the first W of the tail
+        while len(units) < need and tail < tts_tail and state.pending != [ref.tts_eos]:  # text done: TTS goes on
+            units += ref.units(tts.write(state, torch.zeros(0, hid[0].shape[0], dtype=dtype), [], False, rw[1]))
+            tail += rw[1]
+        s["speech_generator"] += time.perf_counter() - t
+        t = time.perf_counter()  # fewer units than a chunk + lookahead: the speech ended, flush it all
+        mel = flow.inference(torch.tensor([units[:need]]), xv, finalize=len(units) < need)
+        s["flow"] = time.perf_counter() - t
+    with torch.no_grad():  # HiFT stays fp32 (see BF16_STAGE_PRECISIONS)
+        t = time.perf_counter()
+        hift.inference(mel.float())
+        s["hift"] = time.perf_counter() - t
+    s["ttfa"] = time.perf_counter() - t0
+    s["ttft"] = ttft
+    s["text_tokens_before_audio"] = len(toks)
+    s["units_before_audio"] = need
+    return s
+
+
+def torch_baseline(checkpoint: Path, audio: np.ndarray, rw: tuple[int, int], tokens: int, tts_tail: int, runs: int,
+                   threads: int, bar, precisions: tuple[str, ...] = ("fp32",), speech_encoder: Path | None = None,
+                   decoder: Path | None = None) -> dict[str, dict]:
+    """The PyTorch reference to its first audio sample in each of `precisions` (all loaded at once, one
+    warm-up answer each, then `runs` rounds alternating between them so they share the machine load).
+    Returns one summary per precision. `speech_encoder`/`decoder`: where the checkpoint keeps them apart."""
+    import torch
 
     torch.set_num_threads(threads)
     _reset_peak_rss()
-    t = time.perf_counter()
-    ref = Omni2ReferencePipeline(Omni2Checkpoint.open(checkpoint), audio)
-    llm, gen, flow, hift = ref.llm, ref.generator, ref.flow, ref.hift  # load every stage before timing
-    load_s = time.perf_counter() - t
-    need = flow.c.chunk_tokens + flow.c.pre_lookahead_len
-    xv = torch.from_numpy(ref.xvector)[None]
-    embed = llm.get_input_embeddings()
-    rows = []
-    for i in range(runs + 1):  # the first run warms up
-        s: dict[str, float] = {"llm_decode": 0.0, "speech_generator": 0.0}
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            _, emb = ref.speech_embeddings(audio)  # log-mel + Whisper on 30 s + adapter
-            s["encoder"] = time.perf_counter() - t0
-            t = time.perf_counter()
-            x = torch.cat([embed(torch.tensor([ref.prompt.prefix_ids])), emb[None],
-                           embed(torch.tensor([ref.prompt.suffix_ids]))], 1)
-            o = llm.model(inputs_embeds=x, use_cache=True)
-            past, last = o.past_key_values, o.last_hidden_state[:, -1]
-            s["llm_prefill"] = time.perf_counter() - t
-            tts, state = GreedyTTS(gen, ref.tts_eos, ref.sep_id), TTSState()
-            toks, hid, units, ttft = [], [], [], None
-            for step in range(tokens):
-                t = time.perf_counter()
-                tok = int(llm.lm_head(last).argmax(-1))
-                s["llm_decode"] += time.perf_counter() - t
-                ttft = ttft or time.perf_counter() - t0
-                toks.append(tok)
-                hid.append(last[0])
-                final = step == tokens - 1
-                if len(toks) % rw[0] == 0 or final:
-                    t = time.perf_counter()
-                    a = (len(toks) - 1) // rw[0] * rw[0]
-                    units += ref.units(tts.write(state, torch.stack(hid[a:]), toks[a:], final, rw[1]))
-                    s["speech_generator"] += time.perf_counter() - t
-                if len(units) >= need or final:
-                    break
-                t = time.perf_counter()
-                o = llm.model(inputs_embeds=embed(torch.tensor([[tok]])), past_key_values=past, use_cache=True)
-                past, last = o.past_key_values, o.last_hidden_state[:, -1]
-                s["llm_decode"] += time.perf_counter() - t
-            t = time.perf_counter()
-            tail = rw[1]  # the final text step wrote the first W of the tail
-            while len(units) < need and tail < tts_tail and state.pending != [ref.tts_eos]:  # text done: TTS goes on
-                units += ref.units(tts.write(state, torch.zeros(0, hid[0].shape[0]), [], False, rw[1]))
-                tail += rw[1]
-            s["speech_generator"] += time.perf_counter() - t
-            t = time.perf_counter()  # fewer units than a chunk + lookahead: the speech ended, flush it all
-            mel = flow.inference(torch.tensor([units[:need]]), xv, finalize=len(units) < need)
-            s["flow"] = time.perf_counter() - t
-            t = time.perf_counter()
-            hift.inference(mel)
-            s["hift"] = time.perf_counter() - t
-            s["ttfa"] = time.perf_counter() - t0
-            s["ttft"] = ttft
-            s["text_tokens_before_audio"] = len(toks)
-        bar.update()
-        if i:
-            rows.append(s)
+    refs, load_s = {}, {}
+    for p in precisions:
+        t = time.perf_counter()
+        refs[p] = _reference(checkpoint, audio, p, speech_encoder, decoder)
+        load_s[p] = time.perf_counter() - t
+    rows: dict[str, list[dict]] = {p: [] for p in precisions}
+    for i in range(runs + 1):  # the first round warms up
+        for p in precisions:
+            s = _first_audio(refs[p], audio, rw, tokens, tts_tail, p)
+            bar.update()
+            if i:
+                rows[p].append(s)
     keys = ("ttft", "ttfa", "encoder", "llm_prefill", "llm_decode", "speech_generator", "flow", "hift")
-    return {**{k: _stats([r[k] for r in rows]) for k in keys}, "read": rw[0], "write": rw[1], "threads": threads,
-            "load_s": load_s, "peak_rss_mb": _peak_rss_mb(), "torch": torch.__version__,
-            "text_tokens_before_audio": rows[0]["text_tokens_before_audio"], "units_before_audio": need,
-            "note": "PyTorch fp32 reference stages in streaming order to the first audio sample: Whisper on the "
-                    "question padded to 30 s (the release), TTS LM with a KV cache (the release re-runs it), flow on "
-                    "the first chunk + lookahead tokens, HiFT"}
+    peak = _peak_rss_mb()
+    stage_dtypes = {p: BF16_STAGE_PRECISIONS if p == "bf16" else dict.fromkeys(BF16_STAGE_PRECISIONS, "fp32")
+                    for p in precisions}
+    return {p: {**{k: _stats([r[k] for r in rows[p]]) for k in keys}, "precision": p, "stage_precisions": stage_dtypes[p],
+                "read": rw[0], "write": rw[1], "threads": threads, "load_s": load_s[p], "peak_rss_mb": peak,
+                "torch": torch.__version__, "text_tokens_before_audio": rows[p][0]["text_tokens_before_audio"],
+                "units_before_audio": rows[p][0]["units_before_audio"],
+                "note": f"PyTorch {p} reference stages in streaming order to the first audio sample: Whisper on the "
+                        "question padded to 30 s (the release), TTS LM with a KV cache (the release re-runs it), flow "
+                        "on the first chunk + lookahead tokens, HiFT"
+                        + (" (fp32, as CosyVoice keeps it)" if p == "bf16" else "")}
+            for p in precisions}
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -234,7 +290,7 @@ def targets(result: dict) -> dict:
     row = result["omnilite"][0]  # first R/W setting, default encoder mode (loaded first: its peak is its own)
     got = {"ttfa_p50_s": row["overlapped"]["ttfa"]["p50"], "rtf_p50": row["overlapped"]["rtf"]["p50"],
            "peak_rss_gb": row["peak_rss_mb"] / 1024}
-    if "torch" in result:
+    if "torch" in result:  # the baseline's fastest precision (see baseline.headline)
         got["ttfa_speedup_vs_torch"] = result["torch"]["ttfa"]["p50"] / got["ttfa_p50_s"]
     return {k: {"target": TARGETS[k], "measured": v,
                 "met": bool(v >= TARGETS[k]) if k == "ttfa_speedup_vs_torch" else bool(v <= TARGETS[k])}
@@ -245,10 +301,14 @@ def markdown(r: dict, notes: str = "") -> str:
     b, h = r["bundle"], r["host"]
     rows = r["omnilite"]
     loads = " -> ".join(f"{x['load1']:.2f}/{x['load5']:.2f}/{x['load15']:.2f} ({x['time']})" for x in r["load"].values())
+    # Results written before schema 3 have no CPU record or baseline precision (that baseline was fp32).
+    cpu = f"- CPU: {describe_cpu(h['cpu_record'])}" if "cpu_record" in h else "- CPU features: not recorded (older result)"
     lines = [
         f"# LLaMA-Omni2 benchmark: {r['name']}", "",
         "Random weights in the released 0.5B layout: the reply is babble of a forced length, timings are real.", "",
-        f"- host: {h['cpu']}, {h['cores']} cores, profile **{h['profile']}** (threads {h['stage_threads']}); "
+        cpu,
+        f"- host: {h['cpu']}, {h['cores']} cores, profile **{h['profile']}** (threads {h['stage_threads']}"
+        + (f"; PyTorch baseline {h['torch_threads']}" if "torch_threads" in h else "") + "); "
         f"omnilite {r['versions']['omnilite']}, onnxruntime {r['versions']['onnxruntime']}, "
         f"llama-cpp-python {r['versions']['llama_cpp_python']}",
         f"- bundle {b['mb']:.0f} MiB (preset {b['quantization'] or 'fp32 (as exported)'}): "
@@ -261,7 +321,7 @@ def markdown(r: dict, notes: str = "") -> str:
         "## Targets (R/W {0}/{1}, default encoder mode, overlapped)".format(rows[0]["read"], rows[0]["write"]), "",
         "| target | goal | measured | |", "|---|---:|---:|---|"]
     names = {"ttfa_p50_s": "TTFA p50 (s)", "rtf_p50": "RTF p50", "peak_rss_gb": "peak RSS, omnilite (GB)",
-             "ttfa_speedup_vs_torch": "TTFA speed-up vs PyTorch fp32"}
+             "ttfa_speedup_vs_torch": f"TTFA speed-up vs PyTorch {r.get('torch', {}).get('precision', 'fp32')}"}
     for k, t in r["targets"].items():
         goal = f">= {t['target']:g}x" if k == "ttfa_speedup_vs_torch" else f"<= {t['target']:g}"
         lines.append(f"| {names[k]} | {goal} | {t['measured']:.3f} | {'met' if t['met'] else '**missed**'} |")
@@ -286,9 +346,19 @@ def markdown(r: dict, notes: str = "") -> str:
         ours = rows[0]["overlapped"]["ttfa"]["p50"]
         exact = next((x for x in rows if x["encoder_mode"] == "exact"), None)
         tstages = ("encoder", "llm_prefill", "llm_decode", "speech_generator", "flow", "hift")
-        lines += ["", f"## PyTorch fp32 baseline (R/W {t['read']}/{t['write']}, {t['threads']} threads, same run, "
-                      f"torch {t['torch']})", "",
-                  f"TTFT p50 {t['ttft']['p50']:.3f} s, TTFA p50 {t['ttfa']['p50']:.3f} s (p95 {t['ttfa']['p95']:.3f}); "
+        precision = t.get("precision", "fp32")
+        lines += ["", f"## PyTorch {precision} baseline (R/W {t['read']}/{t['write']}, {t['threads']} threads, same run, "
+                      f"torch {t['torch']})", ""]
+        if "plan" in t:
+            lines += [baseline_sentence(t["plan"], precision, t["why"]), ""]
+            if len(t["by_precision"]) > 1:
+                lines += ["| precision | TTFT p50 | TTFA p50 | TTFA p95 | stage precisions |", "|---|---:|---:|---:|---|"]
+                lines += [f"| {p} | {x['ttft']['p50']:.3f} | {x['ttfa']['p50']:.3f} | {x['ttfa']['p95']:.3f} | "
+                          + ", ".join(f"{k} {v}" for k, v in x["stage_precisions"].items()) + " |"
+                          for p, x in t["by_precision"].items()]
+                lines += ["", "Precisions alternate round by round in one process with all of them loaded.", ""]
+        lines += [
+                  f"{precision}: TTFT p50 {t['ttft']['p50']:.3f} s, TTFA p50 {t['ttfa']['p50']:.3f} s (p95 {t['ttfa']['p95']:.3f}); "
                   f"peak RSS {t['peak_rss_mb']:.0f} MiB; first audio after {t['text_tokens_before_audio']} text tokens "
                   f"and {t['units_before_audio']} speech tokens. omnilite's overlapped TTFA is "
                   f"**{t['ttfa']['p50'] / ours:.2f}x** faster in the default encoder mode"
@@ -312,7 +382,7 @@ def write_markdown(result: dict, path: Path) -> None:
     notes = ""
     if path.exists() and NOTES_MARK in path.read_text():
         notes = path.read_text().split(NOTES_MARK, 1)[1]
-    path.write_text(markdown(result, notes))
+    atomic_write_bytes(path, markdown(result, notes).encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"omnilite": __version__, "python": platform.python_version(), "numpy": np.__version__,
                      "onnxruntime": onnxruntime.__version__, "llama_cpp_python": llama_cpp.__version__},
         "host": {"cpu": host.cpu_model, "cores": host.physical_cores, "ram_gb": host.ram_gb,
-                 "profile": profile.name, "profile_reason": reason, "stage_threads": settings["stage_threads"]},
+                 "profile": profile.name, "profile_reason": reason, "stage_threads": settings["stage_threads"],
+                 "cpu_record": host.cpu_record()},
         "bundle": bundle_info(args.bundle), "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "question": str(args.question), "question_s": len(audio) / 16000, "tokens": args.tokens,
         "tts_tail": args.tts_tail, "runs": args.runs, "flow": asdict(flow), "load": {"start": _load()}, "omnilite": [],
@@ -396,13 +467,17 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_rss_mb_omnilite"] = max(r["peak_rss_mb"] for r in result["omnilite"])
         result["load"]["after_omnilite"] = _load()
         if args.checkpoint:
-            bar.set_postfix_str("PyTorch fp32")
+            plan = plan_baseline(host, torch_bf16_view())  # imports torch: after every omnilite row
+            bar.total += (args.runs + 1) * (len(plan.precisions) - 1)
+            bar.set_postfix_str("PyTorch " + "+".join(plan.precisions))
             threads = profile.threads_for("llm", host)
-            result["torch"] = torch_baseline(args.checkpoint, audio, rws[0], args.tokens, args.tts_tail, args.runs,
-                                             threads, bar)
+            result["host"]["torch_threads"] = threads
+            by_precision = torch_baseline(args.checkpoint, audio, rws[0], args.tokens, args.tts_tail, args.runs,
+                                          threads, bar, plan.precisions)
+            result["torch"] = baseline_result(by_precision, plan, {p: x["ttfa"]["p50"] for p, x in by_precision.items()})
             result["load"]["after_torch"] = _load()
     result["targets"] = targets(result)
-    (out / f"omni2-{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(out / f"omni2-{args.name}.json", (json.dumps(result, indent=2) + "\n").encode())
     write_markdown(result, out / f"omni2-{args.name}.md")
     print((out / f"omni2-{args.name}.md").read_text())
     return 0

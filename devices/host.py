@@ -22,6 +22,15 @@ X86_FEATURES = {
     "amx_tile": "amx_tile", "amx_int8": "amx_int8", "amx_bf16": "amx_bf16",
 }
 ARM_FEATURES = {"asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "sve": "sve", "sve2": "sve2", "fphp": "fp16", "bf16": "bf16"}
+# Features that let bfloat16 matmuls run natively (x86: AVX-512 BF16 or AMX-BF16; Arm: FEAT_BF16). Without
+# one of them frameworks emulate bf16 through fp32 conversions, which is slower than plain fp32.
+BF16_FEATURES = {"x86_64": ("avx512_bf16", "amx_bf16"), "arm64": ("bf16",)}
+# Features every benchmark result records, present or absent, so results from different machines compare.
+RECORDED_FEATURES = {
+    "x86_64": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+               "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16"),
+    "arm64": ("neon", "dotprod", "i8mm", "fp16", "bf16", "sve", "sve2"),
+}
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,45 @@ class HostInfo:
     def ram_gb(self) -> float:
         return self.ram_bytes / 2**30
 
+    @property
+    def native_bf16(self) -> bool:
+        """Whether the CPU computes bfloat16 natively (see BF16_FEATURES)."""
+        return any(f in self.features for f in BF16_FEATURES.get(self.arch, ()))
+
+    def bf16_reason(self) -> str:
+        """`native bf16 (FLAGS)` or `no native bf16 (lacks FLAGS)`: the flags found or missing."""
+        wanted = BF16_FEATURES.get(self.arch, ())
+        if not wanted:
+            return f"no native bf16 (no bf16 CPU feature known for {self.arch})"
+        found = [f for f in wanted if f in self.features]
+        if found:
+            return f"native bf16 ({' and '.join(found)})"
+        return f"no native bf16 (lacks {' and '.join(wanted)}" + "".join(f"; {n}" for n in self.notes) + ")"
+
+    def cpu_record(self) -> dict:
+        """What a benchmark result records about the CPU: model, cores and each feature that matters
+        for inference kernels as present (True) or absent (False)."""
+        recorded = RECORDED_FEATURES.get(self.arch, ())
+        return {"model": self.cpu_model, "vendor": self.cpu_vendor, "arch": self.arch,
+                "physical_cores": self.physical_cores, "logical_cores": self.logical_cores,
+                "features": {f: f in self.features for f in recorded}, "native_bf16": self.native_bf16}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["features"] = sorted(self.features)
+        d["native_bf16"] = self.native_bf16
         return d
+
+
+def describe_cpu(record: dict) -> str:
+    """One line for reports from a stored `HostInfo.cpu_record()`: model, cores, features present and
+    absent, and bf16 (read from the record, so a report re-rendered from JSON says the same)."""
+    have = [f for f, on in record["features"].items() if on]
+    missing = [f for f, on in record["features"].items() if not on]
+    return (f"{record['model']} ({record['arch']}, {record['physical_cores']} physical / {record['logical_cores']} "
+            f"logical cores); features: {' '.join(have) or 'none detected'}"
+            + (f"; absent: {' '.join(missing)}" if missing else "")
+            + ("; native bf16" if record["native_bf16"] else "; no native bf16"))
 
 
 def _read(root: Path, rel: str) -> str | None:

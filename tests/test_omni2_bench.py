@@ -19,8 +19,12 @@ def test_omni2_bench_writes_rows_baseline_targets_and_waterfall(omni2_bundle, om
         assert set(row["before_first_audio"]) == set(row["stages"]) - {"vocoder"}
     assert r["torch"]["ttfa"]["n"] == 1 and set(r["targets"]) == {"ttfa_p50_s", "rtf_p50", "peak_rss_gb", "ttfa_speedup_vs_torch"}
     assert "start" in r["load"] and "after_torch" in r["load"]
+    assert r["host"]["cpu_record"]["model"] and r["host"]["torch_threads"] == r["torch"]["threads"]
+    assert r["torch"]["precision"] in r["torch"]["by_precision"] and "fp32" in r["torch"]["by_precision"]
     assert (tmp_path / "omni2-t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = tmp_path / "omni2-t.md"
-    assert "PyTorch fp32 baseline" in md.read_text()
+    text = md.read_text()
+    assert f"PyTorch {r['torch']['precision']} baseline" in text and "Baseline precision: PyTorch **" in text
+    assert f"- CPU: {r['host']['cpu_record']['model']} (" in text
     md.write_text(md.read_text() + "<!-- notes -->\nhand-written\n")  # re-rendering keeps the notes
     assert main(["--from-json", str(tmp_path / "omni2-t.json")]) == 0 and md.read_text().endswith("hand-written\n")

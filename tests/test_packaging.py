@@ -119,6 +119,12 @@ def test_bench_torch_baseline_without_torch_names_the_export_extra(bundle, tmp_p
     assert not (tmp_path / "b").exists()
 
 
+def test_serve_without_websockets_names_the_serve_extra(bundle, tmp_path):
+    line = _one_error_line(_cli_without(("websockets",), ["serve", str(bundle), "--port", "0"], tmp_path))
+    assert line == ("error: `omnilite serve` needs the Python package 'websockets', which is not installed; "
+                    "install it with `pip install 'omnilite[serve]'`.")
+
+
 def test_a_missing_module_that_is_no_optional_dependency_keeps_its_traceback(tmp_path):
     # A runtime dependency missing is a broken install (or a bug), not a choice of extras.
     r = _cli_without(("llama_cpp",), ["make-tiny", "llama-omni", "ckpt"], tmp_path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omnilite import __version__
 
-FAMILIES = ("llama-omni", "llama-omni2")
+FAMILIES = ("llama-omni", "llama-omni2", "fun-audio-chat")
 DEMO_QUESTION = Path(__file__).parent / "data" / "question.wav"
 
 
@@ -182,7 +182,12 @@ def cmd_make_tiny(args) -> int:
     progress = not args.quiet  # a bar per step on stderr; importing PyTorch alone takes seconds first
     if progress and importlib.util.find_spec("torch") is not None:  # without it, the one error line says so
         print("make-tiny: loading PyTorch ...", file=sys.stderr, flush=True)
-    if args.family == "llama-omni2":
+    if args.family == "fun-audio-chat":  # checkpoint only so far: export and runtime are issue 16's next steps
+        from omnilite.export.fun_audio_chat.tiny import make_tiny_fun_audio_chat
+
+        shape = args.shape
+        model_dir = make_tiny_fun_audio_chat(Path(args.out), shape=shape, seed=args.seed, overwrite=args.force, progress=progress)
+    elif args.family == "llama-omni2":
         from omnilite.export.omni2.tiny import make_tiny_llama_omni2
 
         shape = args.size if args.shape == "real" else "tiny"
@@ -231,8 +236,27 @@ def _export_omni2(args) -> int:
     return 0
 
 
+# Families whose checkpoints make-tiny writes and whose loaders exist, but which cannot be exported yet.
+NOT_YET_EXPORTABLE = {"funaudiochat": "Fun-Audio-Chat"}
+
+
+def _refuse_unexportable(checkpoint: str) -> None:
+    root = Path(checkpoint)
+    for cfg in [root / "config.json", *sorted(root.glob("*/config.json"))]:
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if model_type in NOT_YET_EXPORTABLE:
+            from omnilite.runtime.errors import OmniliteError
+
+            raise OmniliteError(f"{cfg.parent} is a {NOT_YET_EXPORTABLE[model_type]} checkpoint, which this omnilite "
+                                "can load and make tiny copies of but not export yet; export LLaMA-Omni or LLaMA-Omni2.")
+
+
 def cmd_export(args) -> int:
     _check_output_dir(args.out, "OUT")
+    _refuse_unexportable(args.checkpoint)
     if _is_omni2(args.checkpoint):
         return _export_omni2(args)
     from omnilite.export.llama_omni import ExportOptions, export_llama_omni
@@ -647,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("make-tiny", parents=[common], help="write a checkpoint in the official layout with random weights")
     s.add_argument("family", choices=FAMILIES)
     s.add_argument("out")
-    s.add_argument("--shape", choices=("tiny", "real"), default="tiny", help="'real' writes the released dimensions (about 17 GB)")
+    s.add_argument("--shape", choices=("tiny", "real"), default="tiny", help="'real' writes the released dimensions (llama-omni about 17 GB, fun-audio-chat about 19 GB)")
     s.add_argument("--size", choices=("0.5B", "1.5B", "7B"), default="0.5B",
                    help="llama-omni2 with --shape real: which release (0.5B is about 3.3 GB in bf16)")
     s.add_argument("--seed", type=_whole(0), default=0)

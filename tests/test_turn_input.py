@@ -233,3 +233,16 @@ def test_short_first_chunks_give_the_same_audio_after_fewer_llm_tokens(bundle, q
         assert d.tokens == ref.tokens and d.units == ref.units
         assert np.array_equal(d.audio, ref.audio)
     assert got[1][1] <= got[3][1] < got[10][1] == 10
+
+
+def test_llm_gets_every_core_until_the_first_audio_sample(bundle, question_16k, monkeypatch):
+    """Thread budget per phase: the LLM stage prefills and decodes on every core until the first
+    sample is out, then goes back to its own share (set from its own thread, between tokens)."""
+    with Pipeline.load(bundle, PipelineConfig(threads=2, stage_threads={"llm": 1}, max_new_tokens=30, ignore_eos=True)) as p:
+        calls = []
+        set_threads = p.llm.set_threads
+        monkeypatch.setattr(p.llm, "set_threads", lambda *a: (calls.append((a, threading.current_thread().name)), set_threads(*a)))
+        events = list(p.respond(question_16k, S))
+    assert [a for a, _ in calls] == [(2, 2), (1, 2)]  # all cores, then the LLM's own share
+    assert {name for _, name in calls} == {"omnilite-llm"}
+    assert any(isinstance(e, AudioChunk) for e in events)

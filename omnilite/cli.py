@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omnilite import __version__
 
-FAMILIES = ("llama-omni", "llama-omni2", "fun-audio-chat")
+FAMILIES = ("llama-omni", "llama-omni2", "step-audio2", "fun-audio-chat")
 DEMO_QUESTION = Path(__file__).parent / "data" / "question.wav"
 
 
@@ -187,6 +187,11 @@ def cmd_make_tiny(args) -> int:
 
         shape = args.shape
         model_dir = make_tiny_fun_audio_chat(Path(args.out), shape=shape, seed=args.seed, overwrite=args.force, progress=progress)
+    elif args.family == "step-audio2":  # checkpoint only so far: export and runtime are issue 15's next steps
+        from omnilite.export.step_audio2.tiny import make_tiny_step_audio2
+
+        shape = args.shape
+        model_dir = make_tiny_step_audio2(Path(args.out), shape=shape, seed=args.seed, overwrite=args.force, progress=progress)
     elif args.family == "llama-omni2":
         from omnilite.export.omni2.tiny import make_tiny_llama_omni2
 
@@ -237,7 +242,7 @@ def _export_omni2(args) -> int:
 
 
 # Families whose checkpoints make-tiny writes and whose loaders exist, but which cannot be exported yet.
-NOT_YET_EXPORTABLE = {"funaudiochat": "Fun-Audio-Chat"}
+NOT_YET_EXPORTABLE = {"funaudiochat": "Fun-Audio-Chat", "step_audio_2": "Step-Audio 2"}
 
 
 def _refuse_unexportable(checkpoint: str) -> None:

@@ -1,0 +1,106 @@
+"""Fun-Audio-Chat stage export (not yet a bundle: no speech head, vocoder or manifest).
+
+Files written into OUT, atomically (built in ``.OUT.partial`` under OUT's lock, renamed when complete):
+
+* ``audio_input.onnx``  log-mel + placeholder count -> ``<|AUDIO|>`` embeddings (encoder, 25 Hz
+                        pooling, grouping by 5, continual_output_matching); dynamic mel length, fp32
+* ``llm.gguf``          the Qwen3 LLM + the release's tokenizer (llama.cpp), f32
+* ``stages.json``       the files with their sha256, the audio prompt cut, and the parity report
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omnilite import __version__
+from omnilite.runtime.bundle import sha256_file
+from omnilite.runtime.errors import OmniliteError
+from omnilite.runtime.llm import default_flash_attn
+
+from ..bundle_dir import building_dir
+from ..checkpoint import LazyTensor
+from ..onnx_export import export_onnx, io_shapes
+from .audio_stage import AudioInputStage
+from .checkpoint import FunAudioChatCheckpoint, open_fun_audio_chat
+from .config import FAMILY, IM_END
+from .gguf_qwen3 import write_qwen3_gguf
+from .prompt import AudioPrompt
+
+log = logging.getLogger(__name__)
+
+AUDIO_INPUT_FILE, LLM_FILE, STAGES_FILE = "audio_input.onnx", "llm.gguf", "stages.json"
+LLM_PREFIX = "language_model."
+
+
+@dataclass(frozen=True)
+class FunAudioChatStageOptions:
+    parity: bool = True
+    strict_parity: bool = True  # a stage beyond tolerance fails the export (nothing is written)
+    overwrite: bool = False
+
+
+def export_fun_audio_chat_stages(checkpoint: str | Path, out_dir: str | Path,
+                                 options: FunAudioChatStageOptions = FunAudioChatStageOptions()) -> Path:
+    """Export the audio input stage and the LLM of the release under `checkpoint` into `out_dir`."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not options.overwrite:
+        raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass overwrite=True.")
+    ckpt = open_fun_audio_chat(checkpoint)
+    prompt = AudioPrompt.build(ckpt.model_dir)
+    with building_dir(out) as tmp:
+        model = ckpt.reference(torch.float32)
+        log.info("export: %s", AUDIO_INPUT_FILE)
+        export_onnx(AudioInputStage(model), (torch.zeros(1, 128, 537), torch.tensor(35)), tmp / AUDIO_INPUT_FILE,
+                    {"mel": {2: "mel_frames"}, "placeholders": {}}, {"audio_embeds": {0: "positions"}})
+        log.info("export: %s", LLM_FILE)
+        write_llm_gguf(ckpt, tmp / LLM_FILE)
+        report = {}
+        if options.parity:
+            from .parity import audio_input_parity, llm_parity
+
+            report = {"audio_input": audio_input_parity(model, tmp / AUDIO_INPUT_FILE),
+                      "llm": llm_parity(model, tmp / LLM_FILE, ckpt.model_dir, prompt)}
+        (tmp / STAGES_FILE).write_text(json.dumps(_stages_record(ckpt, prompt, tmp, report), indent=2))
+        failed = [k for k, v in report.items() if not v["ok"]]
+        if failed and options.strict_parity:
+            raise OmniliteError(f"exported stage(s) {', '.join(failed)} differ from the PyTorch reference beyond tolerance "
+                                f"({json.dumps({k: _summary(report[k]) for k in failed})}); nothing was written.")
+        for k in failed:
+            log.warning("parity: stage %s misses its threshold: %s", k, _summary(report[k]))
+    return out
+
+
+def write_llm_gguf(ckpt: FunAudioChatCheckpoint, path: Path) -> None:
+    tensors = {n[len(LLM_PREFIX):]: LazyTensor(ckpt.tensors, n) for n in ckpt.shapes if n.startswith(LLM_PREFIX)}
+    if ckpt.text_config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output.weight is absent
+    write_qwen3_gguf(tensors, ckpt.text_config, ckpt.model_dir, path, eos_id=IM_END, dtype="f32",
+                     name=ckpt.model_dir.name, what="Fun-Audio-Chat LLM")
+
+
+def _summary(stage: dict) -> dict:
+    return {k: v for k, v in stage.items() if not isinstance(v, (list, dict))}
+
+
+def _stages_record(ckpt: FunAudioChatCheckpoint, prompt: AudioPrompt, tmp: Path, report: dict) -> dict:
+    onnx_in, onnx_out = io_shapes(tmp / AUDIO_INPUT_FILE)
+    return {
+        "family": FAMILY,
+        "created_by": f"omnilite {__version__}",
+        "note": "stages only, not a runnable bundle (speech head and vocoder not exported yet)",
+        "source": {"model_dir": str(ckpt.model_dir.resolve())},
+        "stages": [
+            {"name": "audio_input", "file": AUDIO_INPUT_FILE, "format": "onnx", "precision": "fp32",
+             "sha256": sha256_file(tmp / AUDIO_INPUT_FILE), "inputs": onnx_in, "outputs": onnx_out},
+            {"name": "llm", "file": LLM_FILE, "format": "gguf", "precision": "f32", "sha256": sha256_file(tmp / LLM_FILE),
+             "n_embd": ckpt.text_config["hidden_size"], "kv_cache": "f32", "flash_attn": default_flash_attn("f32")},
+        ],
+        "prompt": {"prefix_ids": prompt.prefix_ids, "suffix_ids": prompt.suffix_ids, "system": prompt.system,
+                   "eos_ids": [IM_END]},
+        "parity": report,
+    }

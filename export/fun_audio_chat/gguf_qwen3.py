@@ -1,0 +1,110 @@
+"""Write a HF Qwen3 LM (``Qwen3ForCausalLM`` tensor names) with its tokenizer as a llama.cpp GGUF.
+
+Facts of llama.cpp for the "qwen3" architecture (gguf-py ``MODEL_TENSORS[QWEN3]``, and its converter,
+whose Qwen3 model derives from the Qwen2 one) that this follows:
+
+* tensors ``token_embd``, ``blk.N.attn_{q,k,v}`` **without biases**, per-head RMS norms
+  ``blk.N.attn_q_norm`` / ``attn_k_norm`` (head_dim wide), ``attn_output``, ``ffn_{gate,up,down}``,
+  ``attn_norm``, ``ffn_norm``, ``output_norm``, ``output`` (absent when tied);
+* ``head_dim`` is its own config value (not hidden / heads in general): written as
+  ``attention.key_length`` / ``value_length`` when they differ;
+* NEOX RoPE: Q and K rows stay in HF order; the tokenizer as for Qwen2 (model "gpt2", pre "qwen2").
+
+Tensors are converted one at a time while writing, so peak memory is one tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from omnilite.runtime.errors import CheckpointError
+
+from ..gguf_llm import _add_hparams
+from ..omni2.gguf_qwen2 import _add_tokenizer
+
+log = logging.getLogger(__name__)
+
+ARCH = "qwen3"
+
+_LAYER = {
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def _plan(tensors: Mapping, config: Mapping, what: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    nh, nkv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    hd = config.get("head_dim") or d // nh
+    shapes = {
+        "self_attn.q_proj.weight": (nh * hd, d), "self_attn.k_proj.weight": (nkv * hd, d),
+        "self_attn.v_proj.weight": (nkv * hd, d), "self_attn.o_proj.weight": (d, nh * hd),
+        "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff),
+        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+    }
+    plan = [("model.embed_tokens.weight", "token_embd.weight", (vocab, d))]
+    for i in range(config["num_hidden_layers"]):
+        plan += [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}", shapes[hf]) for hf, gg in _LAYER.items()]
+    plan.append(("model.norm.weight", "output_norm.weight", (d,)))
+    if not config.get("tie_word_embeddings", False):
+        plan.append(("lm_head.weight", "output.weight", (vocab, d)))
+    for hf, _, shape in plan:
+        if hf not in tensors:
+            raise CheckpointError(f"the {what} is missing tensor '{hf}' (expected shape {shape}); the checkpoint is incomplete.")
+        if tuple(tensors[hf].shape) != shape:
+            raise CheckpointError(f"{what} tensor '{hf}' has shape {tuple(tensors[hf].shape)} but its config implies {shape}; "
+                                  "the checkpoint and its config.json do not match.")
+    return plan
+
+
+def write_qwen3_gguf(tensors: Mapping, config: dict, tokenizer_dir: Path, out_path: Path, *, eos_id: int,
+                     dtype: str = "f32", name: str = "omnilite-qwen3", what: str = "Qwen3 LM", progress: bool = False) -> None:
+    """Atomically write ``out_path``; ``tensors`` are HF-named (prefix already stripped), any
+    array-like (a torch tensor or a lazily read safetensors slice converts with np.asarray)."""
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
+    out_dtype = np.float16 if dtype == "f16" else np.float32
+    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
+    plan = _plan(tensors, config, what)
+
+    def convert(hf: str) -> np.ndarray:
+        w = np.asarray(tensors[hf], dtype=np.float32)
+        return np.ascontiguousarray(w.astype(out_dtype if w.ndim == 2 else np.float32, copy=False))
+
+    entries = [(gg, shape, np.dtype(out_dtype if len(shape) == 2 else np.float32), hf) for hf, gg, shape in plan]
+    out_path = Path(out_path)
+    tmp = out_path.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        _add_hparams(writer, config, name, file_type)
+        _add_tokenizer(writer, Path(tokenizer_dir), int(config["vocab_size"]), eos_id)
+        for gg, shape, dt, _ in entries:
+            writer.add_tensor_info(gg, shape, dt, math.prod(shape) * dt.itemsize)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        it = entries
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(entries, desc=out_path.name, unit="tensor")
+        for _, _, _, hf in it:
+            writer.write_tensor_data(convert(hf))
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%s, %d tensors)", out_path, dtype, len(entries))

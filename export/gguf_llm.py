@@ -248,12 +248,21 @@ def write_llama_gguf(
     if rope_factors is not None:
         entries.insert(0, ("rope_freqs.weight", rope_factors.shape, np.dtype(np.float32), lambda: rope_factors))
 
-    tmp = out_path.with_suffix(".tmp")
-    writer = gguf.GGUFWriter(tmp, ARCH)
+    write_gguf(out_path, ARCH, entries, lambda w: (_add_hparams(w, config, name, file_type),
+                                                   _add_tokenizer(w, tokenizer_dir, config)), progress)
+    log.info("wrote %s (%s, %d tensors)", out_path, dtype, len(entries))
+
+
+
+def write_gguf(out_path: Path, arch: str, entries: list[tuple], add_metadata, progress: bool = False) -> None:
+    """Write a GGUF atomically (to ``out_path.with_suffix('.tmp')``, then renamed): the metadata that
+    ``add_metadata(writer)`` adds, every tensor's shape and dtype, then each tensor's data in order.
+    ``entries``: (GGUF name, shape, numpy dtype, produce() -> array); produced one at a time, so only
+    one converted tensor is in memory."""
+    tmp = Path(out_path).with_suffix(".tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
     try:
-        _add_hparams(writer, config, name, file_type)
-        _add_tokenizer(writer, tokenizer_dir, config)
-        # Header (metadata, tensor shapes and dtypes) first, then each tensor's data in order.
+        add_metadata(writer)
         for gg, shape, dt, _ in entries:
             writer.add_tensor_info(gg, shape, dt, math.prod(shape) * dt.itemsize)
         writer.write_header_to_file()
@@ -262,7 +271,7 @@ def write_llama_gguf(
         if progress:
             from tqdm import tqdm
 
-            entries = tqdm(entries, desc=out_path.name, unit="tensor")
+            entries = tqdm(entries, desc=Path(out_path).name, unit="tensor")
         for _, _, _, produce in entries:
             writer.write_tensor_data(produce())
         writer.close()
@@ -271,4 +280,3 @@ def write_llama_gguf(
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    log.info("wrote %s (%s, %d tensors)", out_path, dtype, len(entries))

@@ -16,8 +16,6 @@ Tensors are converted one at a time while writing, so peak memory is one tensor.
 from __future__ import annotations
 
 import logging
-import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import numpy as np
 
 from omnilite.runtime.errors import CheckpointError
 
-from ..gguf_llm import _add_hparams
+from ..gguf_llm import _add_hparams, write_gguf
 from ..omni2.gguf_qwen2 import _add_tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,29 +80,8 @@ def write_qwen3_gguf(tensors: Mapping, config: dict, tokenizer_dir: Path, out_pa
         w = np.asarray(tensors[hf], dtype=np.float32)
         return np.ascontiguousarray(w.astype(out_dtype if w.ndim == 2 else np.float32, copy=False))
 
-    entries = [(gg, shape, np.dtype(out_dtype if len(shape) == 2 else np.float32), hf) for hf, gg, shape in plan]
-    out_path = Path(out_path)
-    tmp = out_path.with_suffix(".tmp")
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    try:
-        _add_hparams(writer, config, name, file_type)
-        _add_tokenizer(writer, Path(tokenizer_dir), int(config["vocab_size"]), eos_id)
-        for gg, shape, dt, _ in entries:
-            writer.add_tensor_info(gg, shape, dt, math.prod(shape) * dt.itemsize)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        it = entries
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(entries, desc=out_path.name, unit="tensor")
-        for _, _, _, hf in it:
-            writer.write_tensor_data(convert(hf))
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    entries = [(gg, shape, np.dtype(out_dtype if len(shape) == 2 else np.float32), lambda hf=hf: convert(hf))
+               for hf, gg, shape in plan]
+    write_gguf(Path(out_path), ARCH, entries, lambda w: (_add_hparams(w, config, name, file_type),
+               _add_tokenizer(w, Path(tokenizer_dir), int(config["vocab_size"]), eos_id)), progress)
     log.info("wrote %s (%s, %d tensors)", out_path, dtype, len(entries))

@@ -22,10 +22,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from omnilite.runtime.errors import CheckpointError
 
 from ..gguf_llm import _add_hparams, write_gguf
-from ..omni2.gguf_qwen2 import _add_tokenizer
+from ..omni2.gguf_qwen2 import _add_tokenizer, plan_decoder
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ _LAYER = {
 
 
 def _plan(tensors: Mapping, config: Mapping, what: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    d, ff = config["hidden_size"], config["intermediate_size"]
     nh, nkv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     hd = config.get("head_dim") or d // nh
     shapes = {
@@ -51,19 +50,7 @@ def _plan(tensors: Mapping, config: Mapping, what: str) -> list[tuple[str, str, 
         "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff),
         "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
     }
-    plan = [("model.embed_tokens.weight", "token_embd.weight", (vocab, d))]
-    for i in range(config["num_hidden_layers"]):
-        plan += [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}", shapes[hf]) for hf, gg in _LAYER.items()]
-    plan.append(("model.norm.weight", "output_norm.weight", (d,)))
-    if not config.get("tie_word_embeddings", False):
-        plan.append(("lm_head.weight", "output.weight", (vocab, d)))
-    for hf, _, shape in plan:
-        if hf not in tensors:
-            raise CheckpointError(f"the {what} is missing tensor '{hf}' (expected shape {shape}); the checkpoint is incomplete.")
-        if tuple(tensors[hf].shape) != shape:
-            raise CheckpointError(f"{what} tensor '{hf}' has shape {tuple(tensors[hf].shape)} but its config implies {shape}; "
-                                  "the checkpoint and its config.json do not match.")
-    return plan
+    return plan_decoder(tensors, config, what, _LAYER, shapes)
 
 
 def write_qwen3_gguf(tensors: Mapping, config: dict, tokenizer_dir: Path, out_path: Path, *, eos_id: int,

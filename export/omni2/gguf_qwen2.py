@@ -42,7 +42,7 @@ _LAYER = {
 
 
 def _plan(tensors: Mapping, config: Mapping, what: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    d, ff = config["hidden_size"], config["intermediate_size"]
     nh, nkv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     hd = d // nh
     shapes = {
@@ -52,9 +52,17 @@ def _plan(tensors: Mapping, config: Mapping, what: str) -> list[tuple[str, str, 
         "self_attn.o_proj.weight": (d, nh * hd), "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d),
         "mlp.down_proj.weight": (d, ff), "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
     }
+    return plan_decoder(tensors, config, what, _LAYER, shapes)
+
+
+def plan_decoder(tensors: Mapping, config: Mapping, what: str, layer_names: Mapping[str, str],
+                 layer_shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(HF name, GGUF name, shape) of a Qwen-style decoder's tensors, each checked against the checkpoint:
+    embeddings, every layer's `layer_names` (HF suffix -> GGUF suffix), final norm, untied LM head."""
+    d, vocab = config["hidden_size"], config["vocab_size"]
     plan = [("model.embed_tokens.weight", "token_embd.weight", (vocab, d))]
     for i in range(config["num_hidden_layers"]):
-        plan += [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}", shapes[hf]) for hf, gg in _LAYER.items()]
+        plan += [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}", layer_shapes[hf]) for hf, gg in layer_names.items()]
     plan.append(("model.norm.weight", "output_norm.weight", (d,)))
     if not config.get("tie_word_embeddings", False):
         plan.append(("lm_head.weight", "output.weight", (vocab, d)))

@@ -22,7 +22,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-
 from ..gguf_llm import _add_hparams, write_gguf
 from ..omni2.gguf_qwen2 import _add_tokenizer, plan_decoder
 

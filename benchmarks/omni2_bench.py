@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from omnilite.devices.host import describe_cpu
+from omnilite.runtime.omni2.flow import FIRST_HOP_TOKENS
 from omnilite.runtime.audio import atomic_write_bytes
 
 from .baseline import baseline_result, baseline_sentence, plan_baseline, torch_bf16_view
@@ -399,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rw", default="3,10;1,5;5,15", help="read,write settings separated by ';' (the first is the headline)")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact-encoder-mode row")
     ap.add_argument("--flow-chunk", type=int, default=None, help="flow attention chunk in tokens (default: the bundle's)")
-    ap.add_argument("--flow-first-hop", type=int, default=None,
-                    help="tokens in the flow's first step (earlier first audio; not exact: see FlowStreamConfig)")
+    ap.add_argument("--flow-first-hop", type=int, default=FIRST_HOP_TOKENS,
+                    help=f"tokens in the flow's first step (default {FIRST_HOP_TOKENS}, CosyVoice2's; 0: the chunk, exact)")
     ap.add_argument("--flow-left-chunks", type=int, default=None,
                     help="earlier flow chunks the estimator sees (flat cost per step; not exact)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     profile, reason = choose_profile(args.profile, host)
     settings = pipeline_settings(profile, host, "llama-omni2")
     settings.pop("omega"), settings.pop("write")  # R/W come from --rw
-    flow = FlowStreamConfig(chunk_tokens=args.flow_chunk, first_hop_tokens=args.flow_first_hop,
+    flow = FlowStreamConfig(chunk_tokens=args.flow_chunk, first_hop_tokens=args.flow_first_hop or None,
                             left_chunks=args.flow_left_chunks)
     base = Omni2PipelineConfig(max_new_tokens=args.tokens, ignore_eos=True, max_tts_tokens=args.tts_tail,
                                verify_bundle=False, flow=flow, **settings)

@@ -121,11 +121,10 @@ def _pipeline_config(args, bundle: Path, **fields):
     config = PipelineConfig(encoder_mode=args.encoder_mode, max_new_tokens=args.max_new_tokens,
                             ignore_eos=args.ignore_eos, first_omega=getattr(args, "first_omega", None), **settings, **fields)
     if family == "llama-omni2":
-        from omnilite.runtime.omni2.flow import FlowStreamConfig
-        from omnilite.runtime.omni2.pipeline import as_omni2_config
+        from omnilite.runtime.omni2.pipeline import Omni2PipelineConfig, as_omni2_config
 
         config = dataclasses.replace(as_omni2_config(config), write=args.write or write,
-                                     flow=FlowStreamConfig(chunk_tokens=args.flow_chunk))
+                                     flow=dataclasses.replace(Omni2PipelineConfig().flow, chunk_tokens=args.flow_chunk))
     return config
 
 

@@ -8,9 +8,13 @@ import pytest
 
 from omnilite.runtime import AudioChunk, Done, Pipeline, PipelineConfig, TextDelta, Timing
 from omnilite.runtime.metrics import snr_db
+from omnilite.runtime.omni2.flow import FlowStreamConfig
 from omnilite.runtime.omni2.pipeline import Omni2Pipeline, Omni2PipelineConfig
 
 from omni2_fixtures import MAX_TTS, N_TOKENS
+
+# The reference synthesises whole utterances; the runtime's exact schedule (first hop = the chunk) equals it.
+EXACT_FLOW = FlowStreamConfig()
 
 
 def _run(pipe, audio, rate=16000):
@@ -21,7 +25,7 @@ def _run(pipe, audio, rate=16000):
 
 @pytest.mark.parametrize("mode", ["overlapped", "sequential"])
 def test_reply_matches_reference(omni2_bundle, omni2_reply, question_16k, mode):
-    config = Omni2PipelineConfig(max_new_tokens=N_TOKENS, ignore_eos=True, max_tts_tokens=MAX_TTS, mode=mode)
+    config = Omni2PipelineConfig(max_new_tokens=N_TOKENS, ignore_eos=True, max_tts_tokens=MAX_TTS, mode=mode, flow=EXACT_FLOW)
     with Pipeline.load(omni2_bundle, config) as pipe:
         assert isinstance(pipe, Omni2Pipeline)  # chosen from the manifest's family
         events, done = _run(pipe, question_16k)
@@ -41,7 +45,8 @@ def test_reply_matches_reference(omni2_bundle, omni2_reply, question_16k, mode):
 @pytest.mark.parametrize("read,write", [(1, 5), (5, 15)])
 def test_read_write_are_runtime_options(omni2_bundle, omni2_reference, question_16k, read, write):
     ref = omni2_reference.generate(question_16k, max_new_tokens=12, ignore_eos=True, read=read, write=write, max_tts_tokens=30)
-    config = Omni2PipelineConfig(max_new_tokens=12, ignore_eos=True, max_tts_tokens=30, read=read, write=write, mode="sequential")
+    config = Omni2PipelineConfig(max_new_tokens=12, ignore_eos=True, max_tts_tokens=30, read=read, write=write, mode="sequential",
+                                 flow=EXACT_FLOW)
     with Pipeline.load(omni2_bundle, config) as pipe:
         assert (pipe.read, pipe.write) == (read, write)
         _, done = _run(pipe, question_16k)

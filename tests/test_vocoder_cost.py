@@ -111,3 +111,21 @@ def test_bad_window_is_one_sentence(parts):
 
     with pytest.raises(OmniliteError, match=r"^window_tokens must be at least 1 \(or None for all\), got 0\.$"):
         parts[0].stream(FlowStreamConfig(window_tokens=0))
+
+
+def test_output_changing_cuts_are_options_with_counted_savings(parts):
+    """What the flow's per-second cost options save, counted in estimator frames: half the Euler
+    steps halve them; a hop of two chunks re-solves the window's left context half as often. Both
+    change the mel (drift measured in benchmarks/omni2_speech_cost.py), so neither is a default."""
+    flow, voc = parts
+    units = _units(120)
+    work = {}
+    for name, cfg in {"default": FlowStreamConfig(chunk_tokens=CHUNK, window_tokens=WINDOW),
+                      "5 steps": FlowStreamConfig(chunk_tokens=CHUNK, window_tokens=WINDOW, n_timesteps=5),
+                      "hop 2 chunks": FlowStreamConfig(chunk_tokens=CHUNK, window_tokens=WINDOW, hop_tokens=2 * CHUNK)}.items():
+        mel, _, c, fs = _stream(flow, voc, units, cfg)
+        assert mel.shape[1] == len(units) * flow.ratio
+        work[name] = (sum(c["estimator"].lengths), fs.exact)
+    assert work["5 steps"][0] * 2 == work["default"][0] and not work["5 steps"][1]
+    # Window 3 chunks: a 1-chunk hop solves up to 3 chunks per chunk emitted, a 2-chunk hop up to 2.
+    assert work["hop 2 chunks"][0] < 0.8 * work["default"][0], work

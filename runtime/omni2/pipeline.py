@@ -23,7 +23,7 @@ from ..errors import BundleError, OmniliteError
 from ..llm import stage_llm_config
 from ..pipeline import Pipeline, PipelineConfig
 from ..vocoder import VocoderStreamConfig
-from .flow import FlowDecoder, FlowStreamConfig
+from .flow import FIRST_HOP_TOKENS, FlowDecoder, FlowStreamConfig
 from .hift import HiFTVocoder
 from .tts import TTSDecoding, TTSWriter
 
@@ -39,7 +39,13 @@ class Omni2PipelineConfig(PipelineConfig):
     write: int | None = None  # W: TTS tokens written per step; None: the bundle's
     max_tts_tokens: int | None = None  # cap after the text ends; None: the official 1024
     tts: TTSDecoding = field(default_factory=TTSDecoding)
-    flow: FlowStreamConfig = field(default_factory=FlowStreamConfig)
+    # First-chunk fast path: the flow's first step on 25 tokens (+3 lookahead) instead of the 50-token
+    # chunk, so the first audio needs 28 speech tokens, not 53 (its frames drift slightly; measured in
+    # tests/test_first_chunk.py); every later step is chunk-aligned.
+    flow: FlowStreamConfig = field(default_factory=lambda: FlowStreamConfig(first_hop_tokens=FIRST_HOP_TOKENS))
+    # Thread budget per phase (see `Pipeline._phase`): until the first audio sample, the LLM and the TTS
+    # LM may use every core; then each stage goes back to its own share. False: fixed shares throughout.
+    phase_threads: bool = True
     vocoder: VocoderStreamConfig = field(default_factory=lambda: VocoderStreamConfig(crossfade=480))
 
 
@@ -171,6 +177,7 @@ class Omni2Pipeline(Pipeline):
         official code writes them all in one call, so audio would wait for the whole tail)."""
         stage, clock = self.units, reply.clock
         cap = stage.max_final if final else stage.write
+        self._phase(reply, "speech_generator")
         with clock.stage("speech_generator"):
             units, ended = stage.push(hidden, reply.state.tokens, final, max_new=min(stage.write, cap))
         written = min(stage.write, cap)
@@ -178,12 +185,29 @@ class Omni2Pipeline(Pipeline):
         while final and not ended and written < cap:
             yield units, False
             reply.token.check()
+            self._phase(reply, "speech_generator")
             n = min(stage.write, cap - written)
             with clock.stage("speech_generator"):
                 units, ended = stage.more(n)
             written += n
             reply.state.units.extend(units)
         yield units, final
+
+    def _phase(self, reply, stage: str) -> None:
+        """The base budget for the LLM, and the same for the TTS LM's llama.cpp context: every core
+        until the first audio sample (the TTS LM is then on the path to it, mostly alone: the LLM needs
+        only R tokens per write), its own share after."""
+        if not self.config.phase_threads:
+            return
+        if stage != "speech_generator":
+            super()._phase(reply, stage)
+            return
+        if reply.phase.get(stage) == reply.steady:
+            return
+        reply.phase[stage] = reply.steady
+        own = self.config.threads_for("speech_generator") or self.cores
+        every = max(own, self.cores)
+        self.tts.lm.set_threads(own if reply.steady else every, every)
 
     def _vocoder_step(self, reply, units: list[int], final: bool) -> np.ndarray:
         reply.stream.clock = reply.clock

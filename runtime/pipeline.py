@@ -24,6 +24,7 @@ import codecs
 import importlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -97,6 +98,7 @@ class Conversation:
     """A dialogue kept in the pipeline's KV cache. Pass the same object to consecutive
     `Pipeline.respond` calls; each follow-up turn evaluates only its own positions."""
 
+    system: str | None = None  # instructions instead of the bundle's system prompt (None: the bundle's)
     turns: int = 0  # completed (or interrupted after the reply began) assistant turns
     pending: list[int] = field(default_factory=list)  # the last reply token, not yet in the cache
     prepared_at: int = -1  # n_past where the pre-speech part of the next user turn ends; -1: not yet
@@ -235,6 +237,32 @@ class Pipeline:
 
     # --- LLM prompt bookkeeping ------------------------------------------------------------------
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The bundle's system prompt: stored by the exporter, or read from the rendered ChatML prompt
+        (LLaMA-Omni2 bundles store the text its chat template rendered, with Qwen's default system turn)."""
+        prompt = self.bundle["llm"]["prompt"]
+        if "system" in prompt:
+            return prompt["system"]
+        m = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", prompt.get("text", ""), re.S)
+        return m.group(1) if m else None
+
+    def prefix_for(self, system: str | None) -> list[int]:
+        """The prompt ids before the first user turn's speech, with `system` as the instructions.
+        The bundle stores them tokenized with its own system prompt; that prompt's tokens are found
+        in them and replaced by the new text's (the template's special tokens stay as exported)."""
+        default = self.system_prompt
+        if system is None or system == default:
+            return self.prefix_ids
+        if not system.strip():
+            raise OmniliteError("the instructions are empty; pass a system prompt, or None for the bundle's own.")
+        old = self.llm.tokenize(default, special=False) if default else []
+        at = next((i for i in range(len(self.prefix_ids) - len(old) + 1) if old and self.prefix_ids[i:i + len(old)] == old), -1)
+        if at < 0:
+            raise OmniliteError(f"{self.bundle.path}'s prompt does not hold its system prompt as plain tokens, so it "
+                                "cannot take other instructions; use the bundle's own (re-export it to store the template).")
+        return self.prefix_ids[:at] + self.llm.tokenize(system, special=False) + self.prefix_ids[at + len(old):]
+
     def _claim(self, conv: Conversation) -> None:
         if conv is self._conversation:
             return
@@ -249,8 +277,8 @@ class Pipeline:
         if conv.prepared_at >= 0:
             return 0
         if conv.turns == 0:
+            ids = self.prefix_for(conv.system)
             self.llm.reset()
-            ids = self.prefix_ids
         else:
             ids = conv.pending + self.turn_prefix_ids
         self.llm.eval_tokens(ids)

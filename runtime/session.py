@@ -73,6 +73,7 @@ class SessionConfig:
     # False: no automatic end of turn (push-to-talk): every block belongs to the open turn and
     # `commit()` ends it. The VAD still runs for barge-in only when this is True.
     turn_detection: bool = True
+    instructions: str | None = None  # a system prompt instead of the bundle's (None: the bundle's)
 
     def windows(self, ms: float) -> int:
         return max(1, int(round(ms / 1000 / _WINDOW_S)))
@@ -136,7 +137,8 @@ class Session:
         self.config = config
         self.vad = make_vad(config.vad, config.vad_model)
         self.output_rate = pipeline.sample_rate
-        self.conversation = Conversation()
+        pipeline.prefix_for(config.instructions)  # refuse instructions the bundle cannot take, now
+        self.conversation = Conversation(system=config.instructions)
         self._lock = threading.RLock()
         self._events: queue.Queue[Event] = queue.Queue()
         self._errors: list[BaseException] = []

@@ -22,6 +22,7 @@ from openai import AsyncOpenAI
 from omnilite.benchmarks.serve_load import LoadConfig, markdown, run_client, run_load, session_cut, turn_pcm
 from omnilite.runtime import AudioChunk, OmniliteError, Pipeline, PipelineConfig, TextDelta
 from omnilite.runtime.audio import resample
+from omnilite.runtime.pipeline import Conversation
 from omnilite.runtime.serve import add_parser, main as serve_main
 from omnilite.runtime.serve.server import ServeConfig, ServerThread
 from omnilite.runtime.session import SessionConfig
@@ -59,10 +60,10 @@ def no_server_errors(caplog):
     assert not bad, [r.getMessage() for r in bad]
 
 
-def respond(pipe: Pipeline, audio: np.ndarray) -> tuple[str, np.ndarray, int]:
+def respond(pipe: Pipeline, audio: np.ndarray, system: str | None = None) -> tuple[str, np.ndarray, int]:
     """Pipeline.respond's reply: the text as its TextDelta pieces, the audio, the token count."""
     text, chunks, tokens = "", [], 0
-    for e in pipe.respond(audio, 16000):
+    for e in pipe.respond(audio, 16000, conversation=Conversation(system=system)):
         if isinstance(e, TextDelta):
             text += e.text
         elif isinstance(e, AudioChunk):
@@ -167,13 +168,17 @@ def test_openai_sdk_client_server_vad_turn_matches_pipeline_respond(server, pipe
     assert timings["audio_s"] == pytest.approx(len(audio) / pipe.sample_rate)
 
 
+INSTRUCTIONS = "You answer in French, in one short sentence."
+
+
 def test_openai_sdk_client_push_to_talk_commit_and_response_create(server, pipe, question_16k):
+    """Push-to-talk with the client's own instructions (the system prompt of this conversation)."""
     pcm = turn_pcm(question_16k, 0.2)
 
     async def talk():
         async with sdk_client(server).realtime.connect(model="tiny") as conn:
             await conn.recv()
-            await conn.session.update(session={"type": "realtime", "audio": {
+            await conn.session.update(session={"type": "realtime", "instructions": INSTRUCTIONS, "audio": {
                 "input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}}})
             updated = await conn.recv()
             for i in range(0, len(pcm), 3200):
@@ -188,6 +193,7 @@ def test_openai_sdk_client_push_to_talk_commit_and_response_create(server, pipe,
 
     updated, events = asyncio.run(asyncio.wait_for(talk(), 120))
     assert updated.type == "session.updated" and updated.session.audio.input.turn_detection is None
+    assert updated.session.instructions == INSTRUCTIONS
     kinds = [e.type for e in events]
     assert "input_audio_buffer.speech_started" not in kinds  # no VAD events in push-to-talk
     assert kinds.index("input_audio_buffer.committed") < kinds.index("response.created")
@@ -196,8 +202,15 @@ def test_openai_sdk_client_push_to_talk_commit_and_response_create(server, pipe,
                            if e.type == "response.output_audio.delta"]).astype(np.float32) / 32768
     # Push-to-talk answers exactly the committed audio (the Session pads its last VAD window with zeros).
     x = pcm.astype(np.float32) / 32768
-    text, audio, _ = respond(pipe, np.pad(x, (0, -len(x) % WINDOW)))
+    text, audio, _ = respond(pipe, np.pad(x, (0, -len(x) % WINDOW)), system=INSTRUCTIONS)
+    evaluated_default = next(e for e in pipe.respond(np.pad(x, (0, -len(x) % WINDOW)), 16000)
+                             if hasattr(e, "stats")).stats["prompt_tokens"]
     assert transcript == text and len(text) > 0
+    # The instructions reached the model: the prompt it evaluated is the one they make (not the bundle's).
+    done = next(e for e in events if e.type == "response.done")
+    evaluated = done.response.omnilite["stats"]["prompt_tokens"]
+    assert evaluated - len(pipe.prefix_for(INSTRUCTIONS)) == evaluated_default - len(pipe.prefix_ids)
+    assert len(pipe.prefix_for(INSTRUCTIONS)) != len(pipe.prefix_ids)
     check_wire_audio(wire, audio, pipe.sample_rate)
 
 
@@ -311,7 +324,8 @@ def test_bad_input_catalogue_gets_error_events_and_the_connection_stays_usable(s
         ('{"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 96000}}}}}',
          "unsupported_audio_format"),
         ('{"type": "session.update", "session": {"voices": 3}}', "unknown_parameter"),
-        ('{"type": "session.update", "session": {"instructions": "be a pirate"}}', "unsupported_instructions"),
+        ('{"type": "session.update", "session": {"instructions": "   "}}', "unsupported_instructions"),
+        ('{"type": "session.update", "session": {"instructions": "%s"}}' % ("x" * 9000), "invalid_value"),
         ('{"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}}',
          "unsupported_turn_detection"),
         ('{"type": "response.cancel"}', "response_cancel_not_active"),

@@ -246,3 +246,45 @@ def test_llm_gets_every_core_until_the_first_audio_sample(bundle, question_16k, 
     assert [a for a, _ in calls] == [(2, 2), (1, 2)]  # all cores, then the LLM's own share
     assert {name for _, name in calls} == {"omnilite-llm"}
     assert any(isinstance(e, AudioChunk) for e in events)
+
+
+# --- instructions (a system prompt other than the bundle's) --------------------------------------
+
+INSTRUCTIONS = "Answer in French, in one short sentence."
+
+
+def test_instructions_replace_the_system_prompt_as_the_template_would(bundle, reference, question_16k):
+    """The runtime swaps the system prompt's tokens inside the exported prefix; the result equals the
+    official template rendered with the new text, and the reply equals the PyTorch reference's."""
+    import torch
+
+    from omnilite.export.prompt import speech_prompt
+    from omnilite.export.reference import greedy_decode
+
+    expected = speech_prompt(reference.ckpt.model_dir / "tokenizer.json", system=INSTRUCTIONS)
+    with Pipeline.load(bundle, PipelineConfig(max_new_tokens=12, ignore_eos=True)) as p:
+        assert p.prefix_for(INSTRUCTIONS) == expected.prefix_ids != p.prefix_ids
+        assert p.prefix_for(None) == p.prefix_for(p.bundle["llm"]["prompt"]["system"]) == p.prefix_ids
+        done = _done(p.respond(question_16k, S, conversation=Conversation(system=INSTRUCTIONS)))
+        with pytest.raises(Exception, match="the instructions are empty"):
+            p.prefix_for("  ")
+    _, embeds = reference.speech_embeddings(question_16k)
+    with torch.no_grad():
+        tokens, _ = greedy_decode(reference.llm, expected.prefix_ids, embeds, expected.suffix_ids, 12, reference.eos_ids, True)
+    assert done.tokens == tokens
+    assert done.stats["prompt_tokens"] == len(expected.prefix_ids) + 300 + len(expected.suffix_ids)
+
+
+def test_instructions_on_llama_omni2_and_in_a_session(omni2_bundle, omni2_checkpoint, question_16k):
+    from omnilite.export.omni2.checkpoint import Omni2Checkpoint
+    from omnilite.export.omni2.reference import render_prompt
+
+    expected = render_prompt(Omni2Checkpoint.open(omni2_checkpoint).tokenizer_dir, system=INSTRUCTIONS)
+    with Pipeline.load(omni2_bundle, PipelineConfig(max_new_tokens=4, ignore_eos=True)) as p:
+        assert p.prefix_for(INSTRUCTIONS) == expected.prefix_ids != p.prefix_ids
+        with Session(p, SessionConfig(turn_detection=False, instructions=INSTRUCTIONS)) as session:
+            assert session.conversation.system == INSTRUCTIONS
+            session.feed(question_16k[: len(question_16k) // WINDOW * WINDOW], S)
+            session.commit()
+            events = _drive(session, np.zeros(0, np.float32), extra_s=0.0)
+        assert p.llm.n_past >= len(expected.prefix_ids) and _done(events).turn == 1

@@ -163,6 +163,9 @@ def _turn_detection(td: Any, current: TurnDetection | None) -> TurnDetection | N
     return TurnDetection(float(threshold), values["prefix_padding_ms"], values["silence_duration_ms"], interrupt)
 
 
+MAX_INSTRUCTIONS = 8000  # characters of a system prompt: a few thousand tokens of the context
+
+
 def apply_session_update(settings: Settings, session: Any) -> Settings:
     """The settings after a `session.update`'s `session` object (only the fields present change)."""
     session = expect(session, dict, "session", "an object")
@@ -174,10 +177,11 @@ def apply_session_update(settings: Settings, session: Any) -> Settings:
         if key in ("type", "model", "voice", "tracing", "include", "truncation", "prompt"):
             continue  # one model and one voice per server; no traces, prompts or truncation settings to apply
         if key == "instructions":
-            if expect(value, str, "session.instructions", "a string") not in ("", settings.instructions):
-                raise ProtocolError("unsupported_instructions", "this server answers with the bundle's own system prompt "
-                                    "(shown in session.created); omit instructions or send that text.",
-                                    "session.instructions")
+            value = expect(value, str, "session.instructions", "a string")
+            if len(value) > MAX_INSTRUCTIONS:
+                raise ProtocolError("invalid_value", f"session.instructions is {len(value)} characters; the server takes "
+                                    f"at most {MAX_INSTRUCTIONS} (they go into the model's context).", "session.instructions")
+            changes["instructions"] = value
         elif key == "output_modalities":
             value = expect(value, list, "session.output_modalities", "[\"audio\"] or [\"text\"]")
             if value not in (["audio"], ["text"]):

@@ -125,8 +125,7 @@ class RealtimeServer:
         if len(pipelines) != config.slots:
             raise OmniliteError(f"{len(pipelines)} pipelines for {config.slots} slots; load one pipeline per slot.")
         self.pipelines, self.config, self.model_id = pipelines, config, model_id
-        prompt = pipelines[0].bundle["llm"].get("prompt", {})
-        self.instructions = prompt.get("system", "")
+        self.instructions = pipelines[0].system_prompt or ""
         self.native_rate = pipelines[0].sample_rate
         self.static = {path: (resources.files(__package__).joinpath("static", name).read_bytes(), kind)
                        for path, (name, kind) in STATIC.items()}
@@ -393,8 +392,13 @@ class _Connection:
 
     def _session_update(self, session: Any) -> None:
         new = P.apply_session_update(self.settings, session)
+        if new.instructions != self.settings.instructions:
+            try:  # a template that cannot take other instructions says so now, not at the first turn
+                self.pipeline.prefix_for(new.instructions or None)
+            except OmniliteError as e:
+                raise P.ProtocolError("unsupported_instructions", str(e), "session.instructions") from None
         if self.session is not None:
-            for field in ("input_rate", "turn_detection"):
+            for field in ("input_rate", "turn_detection", "instructions"):
                 if getattr(new, field) != getattr(self.settings, field):
                     raise P.ProtocolError("session_locked", f"{field} can change only before the first audio (the "
                                           "session is built then); reconnect to change it.", f"session.{field}")
@@ -403,7 +407,7 @@ class _Connection:
 
     def _session_config(self) -> SessionConfig:
         td = self.settings.turn_detection
-        base = self.config.session
+        base = dataclasses.replace(self.config.session, instructions=self.settings.instructions or None)
         if td is None:
             return dataclasses.replace(base, turn_detection=False)
         return dataclasses.replace(base, turn_detection=True, threshold=td.threshold, pad_ms=td.prefix_padding_ms,

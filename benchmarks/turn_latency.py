@@ -14,26 +14,41 @@ the Session's own: the last speech sample (t0) to the first reply sample the spe
 - `both`.
 A second question of about 9 s, three sentences with short pauses (shorter than the hangover: each
 one a wasted start), runs the same settings; in a blocked encoder mode it shows what prefilling the
-completed blocks while the user speaks buys. Writes NAME.json and NAME.md.
+completed blocks while the user speaks buys. LLaMA-Omni2's first-chunk setting is the flow's short
+first hop (25 tokens, CosyVoice2's) against the 50-token chunk.
+
+Each setting's reply has a fixed length (random weights never stop); `--long-reply` adds one longer
+reply per round in the `both` setting for RTF and underruns. With `--checkpoint` (LLaMA-Omni2) the
+PyTorch reference answers the short question in the same run, in its fastest precision on this host
+(baseline.py), from the complete audio (no endpointer: its TTFA has no hangover, which favours it).
+Peak RSS is omnilite's (reset before the bundle loads, read before torch is imported). Writes
+NAME.json and NAME.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from omnilite import __version__
 from omnilite.devices.host import describe_cpu, detect_host
+from omnilite.devices.profiles import choose_profile, pipeline_settings
+from omnilite.devices.tune import tuned_settings
 from omnilite.runtime import Pipeline, PipelineConfig
-from omnilite.runtime.pipeline import FIRST_OMEGA
 from omnilite.runtime.audio import prepare_speech, read_wav, write_wav
 from omnilite.runtime.audio_io import FileAudio, FileLoopConfig
+from omnilite.runtime.bundle import load_bundle
 from omnilite.runtime.events import Done
+from omnilite.runtime.omni2.flow import FIRST_HOP_TOKENS
+from omnilite.runtime.omni2.pipeline import Omni2PipelineConfig, as_omni2_config
+from omnilite.runtime.pipeline import FIRST_OMEGA
 from omnilite.runtime.session import Session, SessionConfig
 
+from .memory import peak_rss_bytes, reset_peak_rss
 from .report import write_report
 from .streaming import package_versions
 
@@ -68,50 +83,155 @@ def one_turn(pipe: Pipeline, wav: Path, speculative: bool, pace: float) -> dict:
         raise RuntimeError(f"expected one reply to {wav.name}, got {len(done)}")
     t = done[0].timings
     return {"ttfa": t["ttfa"], "ttft": t["ttft"], "ttfa_ready": t.get("ttfa_ready"), "wasted_starts": wasted,
-            "prefilled_early": done[0].stats.get("prefilled_early", 0), "underruns": done[0].stats["underruns"]}
+            "prefilled_early": done[0].stats.get("prefilled_early", 0), "underruns": done[0].stats["underruns"],
+            "rtf": t.get("rtf"), "audio_s": len(done[0].audio) / done[0].sample_rate,
+            "stages": {k: v for k, v in t.items() if isinstance(v, float)}}
 
 
-def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_new_tokens: int) -> dict:
-    base = PipelineConfig(encoder_mode=encoder_mode, max_new_tokens=max_new_tokens, ignore_eos=True, first_omega=10**6)
+def base_config(bundle: Path, encoder_mode: str | None, max_new_tokens: int, tts_tokens: int) -> PipelineConfig:
+    """The detected device profile's providers and threads (the bundle's tuning where it was measured on
+    this host), a fixed reply length, and (LLaMA-Omni) no short first chunk: the settings turn it on."""
+    b = load_bundle(bundle, verify=False)
     host = detect_host()
+    settings = pipeline_settings(choose_profile(None, host)[0], host, b.family)
+    write = settings.pop("write", None)
+    tuned = tuned_settings(b.manifest, host, str(bundle))
+    if tuned and tuned.matches:  # `omnilite tune` measured this host: its threads and mode, as `run` applies them
+        settings["stage_threads"] = {**settings["stage_threads"], **tuned.stage_threads}
+        settings["mode"] = tuned.mode
+    config = PipelineConfig(encoder_mode=encoder_mode, max_new_tokens=max_new_tokens, ignore_eos=True,
+                            first_omega=10**6, **settings)
+    if b.family == "llama-omni2":
+        config = replace(as_omni2_config(config), write=write, max_tts_tokens=tts_tokens)
+    return config
+
+
+def _first_chunk(pipe: Pipeline, short: bool) -> None:
+    """Switch the family's first-chunk fast path on or off on a loaded pipeline (read at each reply)."""
+    if isinstance(pipe.config, Omni2PipelineConfig):
+        pipe.config = replace(pipe.config, flow=replace(pipe.config.flow, first_hop_tokens=FIRST_HOP_TOKENS if short else None))
+    else:
+        pipe.first_omega = min(pipe.omega, FIRST_OMEGA) if short else 10**6
+
+
+def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_new_tokens: int, tts_tokens: int,
+        long_reply: tuple[int, int] | None, checkpoint: Path | None) -> dict:
+    base = base_config(bundle, encoder_mode, max_new_tokens, tts_tokens)
+    host = detect_host()
+    settings = {"baseline": (False, False), "speculative": (True, False), "first-chunk": (False, True),
+                "both": (True, True)}
+    reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp, Pipeline.load(bundle, base) as pipe:
         questions = {"short": DATA / "question.wav", "long": long_question(Path(tmp) / "long.wav")}
-        steady_first = pipe.first_omega  # with first_omega huge: omega (LLaMA-Omni) or None
-        settings = {"baseline": (False, steady_first), "speculative": (True, steady_first)}
-        if steady_first is not None:  # LLaMA-Omni: a short first chunk is a setting of its own
-            quick = min(pipe.omega, FIRST_OMEGA)
-            settings.update({"first-chunk": (False, quick), "both": (True, quick)})
         one_turn(pipe, questions["short"], True, pace)  # warm-up
         results: dict = {q: {s: [] for s in settings} for q in questions}
         for _ in range(rounds):
             for q, wav in questions.items():
                 for name, (speculative, first) in settings.items():
-                    pipe.first_omega = first
+                    _first_chunk(pipe, first)
                     results[q][name].append(one_turn(pipe, wav, speculative, pace))
         mode = str(pipe.encoder.default_mode if encoder_mode is None else encoder_mode)
         family = pipe.bundle.family
-    return {"schema": SCHEMA, "omnilite": __version__, "bundle": str(bundle), "family": family, "encoder_mode": mode,
-            "rounds": rounds, "pace": pace, "max_new_tokens": max_new_tokens, "cpu": host.cpu_record(),
-            "packages": package_versions(), "results": results}
+        rw = (pipe.config.read, pipe.config.write) if isinstance(pipe.config, Omni2PipelineConfig) else None
+    peak_rss = peak_rss_bytes()
+    longs: list[dict] = []
+    if long_reply:  # the reply length sizes the pipeline's contexts, so the long replies get a pipeline of their own
+        with Pipeline.load(bundle, base_config(bundle, encoder_mode, *long_reply)) as pipe:
+            _first_chunk(pipe, True)
+            longs = [one_turn(pipe, DATA / "question.wav", True, pace) for _ in range(rounds)]
+    report = {"schema": SCHEMA, "omnilite": __version__, "bundle": str(bundle), "family": family, "encoder_mode": mode,
+              "rounds": rounds, "pace": pace, "max_new_tokens": max_new_tokens, "tts_tokens": tts_tokens,
+              "cpu": host.cpu_record(), "threads": base.stage_threads, "pipeline_mode": base.mode, "packages": package_versions(),
+              "peak_rss_mb": peak_rss / 2**20, "results": results}
+    if long_reply:
+        report["long_reply"] = {"max_new_tokens": long_reply[0], "tts_tokens": long_reply[1], "runs": longs}
+    if checkpoint is not None:
+        report["torch"] = torch_rows(checkpoint, questions_audio(DATA / "question.wav"), rw, max_new_tokens, tts_tokens,
+                                     rounds, host)
+    return report
+
+
+def questions_audio(wav: Path) -> np.ndarray:
+    a, r = read_wav(wav)
+    return prepare_speech(a, r, 16000)
+
+
+def torch_rows(checkpoint: Path, audio: np.ndarray, rw: tuple[int, int] | None, tokens: int, tts_tail: int,
+               runs: int, host) -> dict:
+    """The PyTorch reference to its first audio sample on the short question, in the precisions the
+    baseline plan picks for this host (LLaMA-Omni2 checkpoints)."""
+    if rw is None:
+        raise SystemExit("--checkpoint: the in-run PyTorch baseline is implemented for LLaMA-Omni2 bundles; for "
+                         "LLaMA-Omni use `omnilite bench --baseline torch`.")
+    from tqdm import tqdm
+
+    from .baseline import baseline_result, plan_baseline, torch_bf16_view
+    from .omni2_bench import torch_baseline
+
+    plan = plan_baseline(host, torch_bf16_view())
+    with tqdm(total=(runs + 1) * len(plan.precisions), desc="torch", unit="turn") as bar:
+        rows = torch_baseline(checkpoint, audio, rw, tokens, tts_tail, runs, host.physical_cores, bar, plan.precisions)
+    return baseline_result(rows, plan, {p: r["ttfa"]["p50"] for p, r in rows.items()})
+
+
+WATERFALL = ("resample", "mel", "encoder", "llm_prefill", "llm_decode", "speech_generator", "flow", "hift", "vocoder")
+
+
+def _p50(runs: list[dict], key: str) -> float:
+    return float(np.median([r[key] for r in runs]))
 
 
 def markdown(report: dict) -> str:
     lines = [f"# Turn latency: {Path(report['bundle']).name}", "",
              f"- {report['family']}, encoder mode `{report['encoder_mode']}`; {report['rounds']} interleaved rounds at "
-             f"pace {report['pace']} (1 = real time); omnilite {report['omnilite']}",
-             f"- CPU: {describe_cpu(report['cpu'])}",
+             f"pace {report['pace']} (1 = real time); replies forced to {report['max_new_tokens']} text tokens"
+             + (f" (+ at most {report['tts_tokens']} speech tokens after the text)" if report["family"] == "llama-omni2" else "")
+             + f"; omnilite {report['omnilite']}",
+             f"- CPU: {describe_cpu(report['cpu'])}; threads per stage {report.get('threads')}, {report.get('pipeline_mode')} pipeline",
+             f"- Peak RSS of the omnilite process (bundle loaded, every turn): {report.get('peak_rss_mb', 0):.0f} MiB",
              "- TTFA: last speech sample to the first reply sample taken by the speaker, the 600 ms endpointer "
              "hangover included (Session timing). Ratios are against `baseline` in the same run.", ""]
     for q, by_setting in report["results"].items():
-        base = float(np.median([r["ttfa"] for r in by_setting["baseline"]]))
+        base = _p50(by_setting["baseline"], "ttfa")
         lines += [f"## {q} question", "", "| setting | TTFA p50 (s) | TTFA max (s) | vs baseline | TTFT p50 (s) | "
-                  "wasted starts | positions prefilled early |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "RTF p50 | underruns | wasted starts | positions prefilled early |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, runs in by_setting.items():
-            ttfa = [r["ttfa"] for r in runs]
-            lines.append(f"| {name} | {np.median(ttfa):.3f} | {max(ttfa):.3f} | {base / np.median(ttfa):.2f}x | "
-                         f"{np.median([r['ttft'] for r in runs]):.3f} | {sum(r['wasted_starts'] for r in runs)} | "
-                         f"{runs[0]['prefilled_early']} |")
+            rtf = [r["rtf"] for r in runs if r.get("rtf") is not None]
+            lines.append(f"| {name} | {_p50(runs, 'ttfa'):.3f} | {max(r['ttfa'] for r in runs):.3f} | "
+                         f"{base / _p50(runs, 'ttfa'):.2f}x | {_p50(runs, 'ttft'):.3f} | "
+                         f"{np.median(rtf) if rtf else float('nan'):.2f} | {sum(r.get('underruns', 0) for r in runs)} | "
+                         f"{sum(r['wasted_starts'] for r in runs)} | {runs[0]['prefilled_early']} |")
         lines.append("")
+    short = report["results"]["short"]
+    if "stages" in short["baseline"][0]:
+        lines += ["## Per-stage busy time, short question (p50, s)", "",
+                  "Stage totals of the whole reply as the pipeline times them; `ttfa_ready` is when the pipeline "
+                  "handed the first audio over.", "", "| stage | " + " | ".join(short) + " |",
+                  "|---|" + "---:|" * len(short)]
+        for stage in WATERFALL + ("ttft", "ttfa_ready", "ttfa"):
+            vals = [np.median([r["stages"].get(stage, 0.0) for r in runs]) for runs in short.values()]
+            if any(vals):
+                lines.append(f"| {stage} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+        lines.append("")
+    if "long_reply" in report:
+        runs = report["long_reply"]["runs"]
+        lines += ["## Long reply (`both`, short question)", "",
+                  f"{len(runs)} replies of {np.median([r['audio_s'] for r in runs]):.1f} s of audio (p50): RTF p50 "
+                  f"{_p50(runs, 'rtf'):.2f} (speech side busy time per second of audio), underruns "
+                  f"{sum(r['underruns'] for r in runs)}, TTFA p50 {_p50(runs, 'ttfa'):.3f} s.", ""]
+    if "torch" in report:
+        t = report["torch"]
+        ours = _p50(short["both"], "ttfa")
+        lines += ["## PyTorch baseline, same run, short question", "",
+                  f"{t['why']} {t['plan']['reason']}", "",
+                  "| precision | TTFA p50 (s) | TTFT p50 (s) | encoder | llm_prefill | llm_decode | speech_generator | flow | hift |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p, r in t["by_precision"].items():
+            lines.append(f"| {p} | {r['ttfa']['p50']:.3f} | {r['ttft']['p50']:.3f} | " + " | ".join(
+                f"{r[k]['p50']:.3f}" for k in ("encoder", "llm_prefill", "llm_decode", "speech_generator", "flow", "hift")) + " |")
+        lines += ["", f"omnilite `both` TTFA p50 {ours:.3f} s (hangover included) vs PyTorch {t['precision']} "
+                      f"{t['ttfa']['p50']:.3f} s (from the complete audio, no hangover): **{t['ttfa']['p50'] / ours:.2f}x**.", ""]
     return "\n".join(lines)
 
 
@@ -122,9 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pace", type=float, default=1.0)
     ap.add_argument("--encoder-mode", default=None)
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--tts-tokens", type=int, default=60, help="LLaMA-Omni2: speech tokens after the text ends (at most)")
+    ap.add_argument("--long-reply", default=None, metavar="TEXT,SPEECH",
+                    help="one more reply per round with TEXT tokens (+ SPEECH after the text, LLaMA-Omni2) for RTF")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="LLaMA-Omni2: the checkpoint, for the PyTorch baseline")
     ap.add_argument("--out", type=Path, default=None, help="result stem (default benchmarks/results/turn_latency-BUNDLE)")
     args = ap.parse_args(argv)
-    report = run(args.bundle, args.rounds, args.pace, args.encoder_mode, args.max_new_tokens)
+    long_reply = tuple(int(v) for v in args.long_reply.split(",")) if args.long_reply else None
+    report = run(args.bundle, args.rounds, args.pace, args.encoder_mode, args.max_new_tokens, args.tts_tokens,
+                 long_reply, args.checkpoint)
     out = args.out or Path(__file__).parent / "results" / f"turn_latency-{args.bundle.name}"
     write_report(out, report, markdown(report))
     return 0

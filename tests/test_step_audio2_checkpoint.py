@@ -38,10 +38,11 @@ def test_tiny_has_the_released_files(tiny):
     released = {"config.json", "model.safetensors.index.json", "added_tokens.json", "merges.txt", "vocab.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 *(f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)),
-                "token2wav/speech_tokenizer_v2_25hz.onnx", "token2wav/campplus.onnx", "token2wav/hift.pt"}
+                "token2wav/speech_tokenizer_v2_25hz.onnx", "token2wav/campplus.onnx", "token2wav/flow.yaml",
+                "token2wav/flow.pt", "token2wav/hift.pt"}
     written = {str(p.relative_to(tiny)) for p in tiny.rglob("*") if p.is_file()}
     assert written == released
-    assert token2wav_missing(tiny) == ["flow.yaml", "flow.pt"]  # not reproduced yet (NOTES.md)
+    assert token2wav_missing(tiny) == []
 
 
 def test_config_has_the_released_keys(tiny):

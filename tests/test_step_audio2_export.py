@@ -17,6 +17,7 @@ from omnilite.export.step_audio2 import llm_stage
 from omnilite.export.step_audio2 import reference as R
 from omnilite.export.step_audio2.checkpoint import AUDIO_START_ID, open_step_audio2
 from omnilite.export.step_audio2.encoder_stage import ENCODER_FILE, encoder_parity, export_encoder, official_batch_inputs
+from omnilite.export.step_audio2.flow_stage import FLOW_FILES
 from omnilite.export.step_audio2.export import (PARITY_FILE, StepAudio2StageOptions, export_step_audio2_stages,
                                                 stage_parity_inputs)
 from omnilite.export.step_audio2.llm_stage import (LLM_FILE, llm_parity, prefill_spliced, render_speech_prompt,
@@ -46,11 +47,12 @@ def ref(tiny):
 
 def test_export_writes_the_stages_and_their_parity(stages):
     record = json.loads((stages / PARITY_FILE).read_text())
-    assert sorted(p.name for p in stages.iterdir()) == sorted([ENCODER_FILE, LLM_FILE, PARITY_FILE])
+    assert sorted(p.name for p in stages.iterdir()) == sorted([ENCODER_FILE, LLM_FILE, *FLOW_FILES, PARITY_FILE])
     assert record["family"] == "step-audio2"
-    assert record["files"] == {f: sha256_file(stages / f) for f in (ENCODER_FILE, LLM_FILE)}
+    assert record["files"] == {f: sha256_file(stages / f) for f in (ENCODER_FILE, LLM_FILE, *FLOW_FILES)}
     assert not (stages.parent / ".stages.partial").exists()
     p = record["parity"]
+    assert all(p[k]["ok"] for k in ("flow_whole", "flow_stream", "flow_stream_vs_whole", "hift"))
     assert p["mel"]["ok"] and p["mel"]["max_abs_error"] <= 1e-4
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from omnilite.runtime.errors import CheckpointError
 
 from ..checkpoint import SafetensorsDir, read_config
+from .flow_checkpoint import load_flow_state, read_flow_config
+from .flow_reference import StepFlowConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,10 @@ HARD_CODED_IDS = {"<audio_start>": AUDIO_START_ID, "<audio_0>": AUDIO_CODE_BASE,
                   f"<audio_{N_AUDIO_CODES - 1}>": AUDIO_CODE_BASE + N_AUDIO_CODES - 1}
 
 TOKEN2WAV_DIR = "token2wav"
-# All five released token2wav files (token2wav.py Token2wav.__init__). flow.yaml/flow.pt are checked
-# once the DiT flow stage exists; until then only the files a stage reads are required.
+# All five released token2wav files (token2wav.py Token2wav.__init__); flow.yaml and flow.pt are also
+# parsed and checked tensor by tensor (flow_checkpoint.py).
 TOKEN2WAV_FILES = ("speech_tokenizer_v2_25hz.onnx", "campplus.onnx", "flow.yaml", "flow.pt", "hift.pt")
-TOKEN2WAV_REQUIRED = ("speech_tokenizer_v2_25hz.onnx", "campplus.onnx", "hift.pt")
+TOKEN2WAV_REQUIRED = TOKEN2WAV_FILES
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
@@ -221,6 +223,7 @@ class StepAudio2Checkpoint:
     config: StepAudio2Config
     tensors: SafetensorsDir
     token_ids: dict[str, int]
+    flow_config: StepFlowConfig | None = None  # token2wav/flow.yaml
 
 
 def _check_tokenizer(root: Path) -> dict[str, int]:
@@ -276,12 +279,14 @@ def open_step_audio2(root: str | Path) -> StepAudio2Checkpoint:
     for name in TOKEN2WAV_REQUIRED:
         if not (t2w / name).is_file():
             raise CheckpointError(f"{t2w / name} is missing; download the token2wav/ folder of the Step-Audio-2-mini release.")
+    flow_config = read_flow_config(t2w / "flow.yaml")
+    load_flow_state(t2w / "flow.pt", flow_config)  # names and shapes only (memory-mapped)
     log.info("opened Step-Audio 2 checkpoint %s (%d tensors)", root, len(tensors))
-    return StepAudio2Checkpoint(root, config, tensors, ids)
+    return StepAudio2Checkpoint(root, config, tensors, ids, flow_config)
 
 
 def token2wav_missing(root: Path) -> list[str]:
-    """The released token2wav files absent under `root` (the tiny checkpoint lacks flow.yaml/flow.pt)."""
+    """The released token2wav files absent under `root`."""
     return [n for n in TOKEN2WAV_FILES if not (Path(root) / TOKEN2WAV_DIR / n).is_file()]
 
 

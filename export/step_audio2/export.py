@@ -5,10 +5,12 @@
 * ``encoder.onnx``  one 25 s piece's log-mel and valid length -> its LLM rows (encoder + adapter,
                     dynamic length, fp32)
 * ``llm.gguf``      the Qwen2 LLM with the release tokenizer (f32, llama.cpp arch "qwen2")
-* ``parity.json``   the files' sha256 and the parity report (mel, encoder, LLM)
+* ``flow_encoder.onnx``, ``flow_estimator.onnx``, ``flow_noise.npy``  the token2wav DiT flow as chunk
+                    functions with caches in and out (whole utterance = one chunk), see flow_stage.py
+* ``hift_f0.onnx``, ``hift.onnx``  the HiFT vocoder (export/omni2's, hift.pt is CosyVoice2's format)
+* ``parity.json``   the files' sha256 and the parity report (mel, encoder, LLM, flow, HiFT)
 
-This is not a bundle yet (no manifest: the flow/HiFT speech decoder is not exported), and the CLI
-still refuses the family. Built in a temporary directory next to OUT and moved into place only when
+This is not a bundle yet (no manifest, no pipeline), and the CLI still refuses the family. Built in a temporary directory next to OUT and moved into place only when
 everything is written and, with ``strict_parity``, every stage is within its threshold.
 """
 
@@ -27,8 +29,10 @@ from omnilite.runtime.errors import OmniliteError
 
 from ..bundle_dir import building_dir
 from ..parity import fixed_audio, parity_inputs
-from .checkpoint import FAMILY, open_step_audio2
+from .checkpoint import FAMILY, TOKEN2WAV_DIR, open_step_audio2
 from .encoder_stage import ENCODER_FILE, encoder_parity, export_encoder
+from .flow_checkpoint import load_flow, load_hift
+from .flow_stage import export_flow, flow_parity, hift_parity, parity_case
 from .llm_stage import LLM_FILE, llm_parity, spliced_prompts, tokenizer_json, write_llm_gguf
 from .reference import load_encoder, load_llm
 
@@ -68,7 +72,9 @@ def export_step_audio2_stages(checkpoint: str | Path, out_dir: str | Path,
         side = export_encoder(encoder, tmp / ENCODER_FILE)
         log.info("export: %s", LLM_FILE)
         write_llm_gguf(ckpt, tmp / LLM_FILE, progress=options.progress)
-        files = [ENCODER_FILE, *side, LLM_FILE]
+        log.info("export: token2wav flow + HiFT")
+        flow_files = export_flow(load_flow(ckpt.root / TOKEN2WAV_DIR), load_hift(ckpt.root / TOKEN2WAV_DIR), tmp)
+        files = [ENCODER_FILE, *side, LLM_FILE, *flow_files]
         record = {"family": FAMILY, "created_by": f"omnilite {__version__}", "source": str(ckpt.root.resolve()),
                   "files": {f: sha256_file(tmp / f) for f in files}, "parity": {}}
         if options.parity:
@@ -86,8 +92,9 @@ def export_step_audio2_stages(checkpoint: str | Path, out_dir: str | Path,
 
 
 def measure_stage_parity(ckpt, stage_dir: Path, tokenizer_path: Path) -> dict:
-    """mel, encoder (ONNX vs PyTorch, rows == official count) and LLM (f32 GGUF vs PyTorch with the
-    speech rows spliced as the official forward does)."""
+    """mel, encoder (ONNX vs PyTorch, rows == official count), LLM (f32 GGUF vs PyTorch with the
+    speech rows spliced as the official forward does), the flow (ONNX vs PyTorch, whole and streamed;
+    streamed vs whole) and HiFT (on the reference flow's mel)."""
     from tokenizers import Tokenizer
 
     encoder, inputs = load_encoder(ckpt), stage_parity_inputs()
@@ -95,4 +102,8 @@ def measure_stage_parity(ckpt, stage_dir: Path, tokenizer_path: Path) -> dict:
     report |= encoder_parity(encoder, stage_dir / ENCODER_FILE, inputs)
     prompts = spliced_prompts(Tokenizer.from_file(str(tokenizer_path)), encoder, inputs)
     report["llm"] = llm_parity(load_llm(ckpt), stage_dir / LLM_FILE, prompts)
+    flow, case = load_flow(ckpt.root / TOKEN2WAV_DIR), parity_case()
+    report |= flow_parity(flow, stage_dir, case)
+    mel = flow.inference(case["tokens"], case["prompt_tokens"], case["prompt_mel"], case["xvector"])[0].numpy()
+    report |= hift_parity(load_hift(ckpt.root / TOKEN2WAV_DIR), stage_dir, mel)
     return report

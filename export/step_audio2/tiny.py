@@ -3,12 +3,12 @@ random weights (tiny by default; ``shape="real"`` writes the released dimensions
 
 What is the release's: config.json (keys and nesting), the bf16 tensors' names and (for ``real``) shapes,
 four shards named ``model-0000N-of-00004.safetensors`` with their index, the real Qwen2.5 BPE with the
-Step-Audio special tokens (ids: see tokenizer.py), and in ``token2wav/`` ``hift.pt`` (the CosyVoice2
-HiFT format: ``generator.`` keys, weight-norm pairs). Stand-ins: ``campplus.onnx`` and
+Step-Audio special tokens (ids: see tokenizer.py), and in ``token2wav/`` ``flow.yaml`` (every key of the
+released file) with ``flow.pt`` (the DiT flow's state dict, names as the official modules) and ``hift.pt``
+(the CosyVoice2 HiFT format: ``generator.`` keys, weight-norm pairs). Stand-ins: ``campplus.onnx`` and
 ``speech_tokenizer_v2_25hz.onnx`` are small graphs with the released inputs and outputs (the official
 code loads the tokenizer's weights into the s3tokenizer package by name, which a stand-in cannot serve).
-Not written: ``flow.yaml`` and ``flow.pt`` (the DiT flow's config was not readable here, so its tensor
-names cannot be reproduced yet), the HF custom code files (configuration/modeling_step_audio_2.py) and
+Not written: the HF custom code files (configuration/modeling_step_audio_2.py) and
 README/assets. ``real`` shards as the release does (transformers' greedy 5 GB split in state_dict order
 gives the release's 4.93/4.93/4.99/1.78 GB); the tiny's four files split at module boundaries instead.
 Random weights babble.
@@ -34,6 +34,8 @@ from ..omni2.tiny import SHAPES as OMNI2_SHAPES
 from ..omni2.tiny import _CampPlusStandIn, _fill, _hift_state, _llm_special, _small_onnx, _TokenizerStandIn
 from ..tiny import _Init, sinusoids
 from .checkpoint import N_SHARDS, TOKEN2WAV_DIR, AudioEncoderConfig, StepAudio2Config, TextConfig, expected_shapes
+from .flow_checkpoint import expected_flow_shapes, flow_yaml
+from .flow_reference import StepFlowConfig
 from .tokenizer import write_step_audio2_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ SHARD_LIMIT = 5 * 10**9  # transformers' default max_shard_size "5GB" (decimal),
 class Shape:
     config: StepAudio2Config
     hift: HiFTConfig
+    flow: StepFlowConfig
 
 
 def _text(hidden: int, inter: int, heads: int, kv: int, layers: int) -> TextConfig:
@@ -59,8 +62,10 @@ def _audio(state: int, heads: int, layers: int, llm_dim: int) -> AudioEncoderCon
 
 
 SHAPES = {
-    "tiny": Shape(StepAudio2Config(_text(64, 128, 4, 2, 2), _audio(64, 2, 2, 64)), OMNI2_SHAPES["tiny"].hift),
-    "real": Shape(StepAudio2Config(_text(3584, 18944, 28, 4, 28), _audio(1280, 20, 32, 3584)), HiFTConfig()),
+    "tiny": Shape(StepAudio2Config(_text(64, 128, 4, 2, 2), _audio(64, 2, 2, 64)), OMNI2_SHAPES["tiny"].hift,
+                  StepFlowConfig(input_size=64, attention_heads=2, linear_units=128, num_blocks=2, num_up_blocks=2,
+                                 hidden_size=64, depth=2, num_heads=2, head_dim=32)),
+    "real": Shape(StepAudio2Config(_text(3584, 18944, 28, 4, 28), _audio(1280, 20, 32, 3584)), HiFTConfig(), StepFlowConfig()),
 }
 
 
@@ -118,8 +123,20 @@ def _write_weights(root: Path, s: Shape, init: _Init, tiny: bool) -> None:
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _flow_state(c: StepFlowConfig, init: _Init) -> dict[str, torch.Tensor]:
+    def special(name: str, shape):
+        if name == "input_embedding.weight":
+            return init("flow." + name, shape, "normal", 1.0)
+        if name.endswith(("pos_bias_u", "pos_bias_v")):
+            return init("flow." + name, shape, "normal", 0.1)
+        return None
+    return _fill(expected_flow_shapes(c), init, special=special)
+
+
 def _write_token2wav(t2w: Path, s: Shape, init: _Init) -> None:
     t2w.mkdir(parents=True)
+    (t2w / "flow.yaml").write_text(flow_yaml(s.flow))
+    torch.save(_flow_state(s.flow, init), t2w / "flow.pt")
     torch.save(_hift_state(s.hift, init), t2w / "hift.pt")
     _small_onnx(_CampPlusStandIn(init), (torch.zeros(1, 100, 80),), t2w / "campplus.onnx", ["input"], ["output"],
                 {"input": {1: "frames"}})

@@ -324,6 +324,7 @@ def test_cli_makes_a_tiny_checkpoint_and_refuses_to_export_it_in_one_sentence(tm
 
     assert main(["make-tiny", "fun-audio-chat", str(tmp_path / "ckpt"), "-q"]) == 0
     assert (tmp_path / "ckpt" / "Fun-Audio-Chat-8B" / "model.safetensors").is_file()
+    assert {p.name for p in (tmp_path / "ckpt" / "Fun-CosyVoice3-0.5B-2512").iterdir()} == {"cosyvoice3.yaml", "flow.pt", "hift.pt"}
     capsys.readouterr()
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "bundle")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

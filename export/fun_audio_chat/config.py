@@ -12,6 +12,11 @@ AUDIO_MODEL_TYPE = "funaudiochat_audio_encoder"
 MODEL_DIR = "Fun-Audio-Chat-8B"  # pretrained_models/<this> in the official README
 SPK2INFO = "utils/new_spk2info.pt"  # in the GitHub repo, not in the HF model dir
 SPK2INFO_VOICE = "中文女"  # the voice the official detokenizer loads by default
+VOCODER_DIR = "Fun-CosyVoice3-0.5B-2512"  # pretrained_models/<this>, read by utils/cosyvoice_detokenizer.py
+VOCODER_YAML = "cosyvoice3.yaml"
+# The web demo's streaming token2wav (utils/constant.py): tokens per hop and the flow's lookahead.
+STREAM_HOP_TOKENS = 15
+STREAM_LOOKAHEAD_TOKENS = 3
 
 SAMPLE_RATE = 16000
 TOKEN_RATE = 25  # placeholders and speech tokens per second
@@ -84,15 +89,30 @@ class EncoderShape:
 
 
 @dataclass(frozen=True)
+class VocoderShape:
+    """The CosyVoice3 flow's DiT and pre-lookahead width, and HiFT's channel counts (cosyvoice3.yaml)."""
+    dit_dim: int
+    dit_depth: int
+    dit_heads: int
+    dit_dim_head: int
+    lookahead_channels: int
+    hift_channels: int
+    f0_channels: int
+
+
+@dataclass(frozen=True)
 class Shape:
     llm: Qwen3Shape
     encoder: EncoderShape
     head: Qwen3Shape  # the speech refined head (crq_transformer)
+    vocoder: VocoderShape
 
 
 SHAPES = {
-    "tiny": Shape(Qwen3Shape(64, 2, 4, 2, 16, 128), EncoderShape(64, 4, 128, 2), Qwen3Shape(32, 2, 4, 2, 8, 64)),
-    "real": Shape(Qwen3Shape(4096, 36, 32, 8, 128, 12288), EncoderShape(1280, 20, 5120, 32), Qwen3Shape(1024, 28, 16, 8, 128, 3072)),
+    "tiny": Shape(Qwen3Shape(64, 2, 4, 2, 16, 128), EncoderShape(64, 4, 128, 2), Qwen3Shape(32, 2, 4, 2, 8, 64),
+                  VocoderShape(64, 2, 4, 16, 64, 32, 32)),
+    "real": Shape(Qwen3Shape(4096, 36, 32, 8, 128, 12288), EncoderShape(1280, 20, 5120, 32), Qwen3Shape(1024, 28, 16, 8, 128, 3072),
+                  VocoderShape(1024, 22, 16, 64, 1024, 512, 512)),
 }
 
 

@@ -1,10 +1,13 @@
-"""Fun-Audio-Chat stage export (not yet a bundle: no speech head, vocoder or manifest).
+"""Fun-Audio-Chat stage export (not yet a bundle: no vocoder or manifest).
 
 Files written into OUT, atomically (built in ``.OUT.partial`` under OUT's lock, renamed when complete):
 
 * ``audio_input.onnx``  log-mel + placeholder count -> ``<|AUDIO|>`` embeddings (encoder, 25 Hz
                         pooling, grouping by 5, continual_output_matching); dynamic mel length, fp32
 * ``llm.gguf``          the Qwen3 LLM + the release's tokenizer (llama.cpp), f32
+* ``speech_head_input.onnx``, ``speech_head_codes.npy``, ``speech_head.gguf``: the speech head
+                        (``audio_invert_tower``, 5 codes per LLM step, its own KV cache), f32
+* ``speech_feedback.onnx``  5 codes -> the ``audio_tower`` row the LLM reads back while speaking
 * ``stages.json``       the files with their sha256, the audio prompt cut, and the parity report
 """
 
@@ -20,6 +23,7 @@ import torch
 from omnilite import __version__
 from omnilite.runtime.bundle import sha256_file
 from omnilite.runtime.errors import OmniliteError
+from omnilite.runtime.fun_audio_chat.speech_head import FEEDBACK_FILE, HEAD_CODES_FILE, HEAD_INPUT_FILE, HEAD_LM_FILE
 from omnilite.runtime.llm import default_flash_attn
 
 from ..bundle_dir import building_dir
@@ -30,6 +34,7 @@ from .checkpoint import FunAudioChatCheckpoint, open_fun_audio_chat
 from .config import FAMILY, IM_END
 from .gguf_qwen3 import write_qwen3_gguf
 from .prompt import AudioPrompt
+from .speech_head import export_speech_head, head_spec
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +64,17 @@ def export_fun_audio_chat_stages(checkpoint: str | Path, out_dir: str | Path,
                     {"mel": {2: "mel_frames"}, "placeholders": {}}, {"audio_embeds": {0: "positions"}})
         log.info("export: %s", LLM_FILE)
         write_llm_gguf(ckpt, tmp / LLM_FILE)
+        export_speech_head(model, tmp)
         report = {}
         if options.parity:
-            from .parity import audio_input_parity, llm_parity
+            from .parity import audio_input_parity, feedback_parity, llm_parity, s2m_traces, speech_head_parity
 
+            spec = head_spec(ckpt.audio_config)
+            traces = s2m_traces(model, ckpt.model_dir, prompt.system)
             report = {"audio_input": audio_input_parity(model, tmp / AUDIO_INPUT_FILE),
-                      "llm": llm_parity(model, tmp / LLM_FILE, ckpt.model_dir, prompt)}
+                      "llm": llm_parity(model, tmp / LLM_FILE, ckpt.model_dir, prompt),
+                      "speech_head": speech_head_parity(model, tmp, spec, traces),
+                      "speech_feedback": feedback_parity(model, tmp, spec, traces)}
         (tmp / STAGES_FILE).write_text(json.dumps(_stages_record(ckpt, prompt, tmp, report), indent=2))
         failed = [k for k, v in report.items() if not v["ok"]]
         if failed and options.strict_parity:
@@ -87,18 +97,30 @@ def _summary(stage: dict) -> dict:
     return {k: v for k, v in stage.items() if not isinstance(v, (list, dict))}
 
 
+def _onnx_stage(tmp: Path, name: str, file: str) -> dict:
+    onnx_in, onnx_out = io_shapes(tmp / file)
+    return {"name": name, "file": file, "format": "onnx", "precision": "fp32", "sha256": sha256_file(tmp / file),
+            "inputs": onnx_in, "outputs": onnx_out}
+
+
 def _stages_record(ckpt: FunAudioChatCheckpoint, prompt: AudioPrompt, tmp: Path, report: dict) -> dict:
-    onnx_in, onnx_out = io_shapes(tmp / AUDIO_INPUT_FILE)
+    spec = head_spec(ckpt.audio_config)
     return {
         "family": FAMILY,
         "created_by": f"omnilite {__version__}",
-        "note": "stages only, not a runnable bundle (speech head and vocoder not exported yet)",
+        "note": "stages only, not a runnable bundle (vocoder not exported yet)",
         "source": {"model_dir": str(ckpt.model_dir.resolve())},
         "stages": [
-            {"name": "audio_input", "file": AUDIO_INPUT_FILE, "format": "onnx", "precision": "fp32",
-             "sha256": sha256_file(tmp / AUDIO_INPUT_FILE), "inputs": onnx_in, "outputs": onnx_out},
+            _onnx_stage(tmp, "audio_input", AUDIO_INPUT_FILE),
             {"name": "llm", "file": LLM_FILE, "format": "gguf", "precision": "f32", "sha256": sha256_file(tmp / LLM_FILE),
              "n_embd": ckpt.text_config["hidden_size"], "kv_cache": "f32", "flash_attn": default_flash_attn("f32")},
+            _onnx_stage(tmp, "speech_head_input", HEAD_INPUT_FILE),
+            # The decoder; its code table (input_matching of each code embedding) rides along as a side file.
+            {"name": "speech_head", "file": HEAD_LM_FILE, "format": "gguf", "precision": spec.precision,
+             "sha256": sha256_file(tmp / HEAD_LM_FILE), "n_embd": ckpt.audio_config["crq_transformer_config"]["hidden_size"],
+             "kv_cache": "f32", "flash_attn": default_flash_attn(spec.precision), "extra_files": {HEAD_CODES_FILE: sha256_file(tmp / HEAD_CODES_FILE)},
+             "bos_id": spec.bos_id, "eos_id": spec.eos_id, "group": spec.group},
+            _onnx_stage(tmp, "speech_feedback", FEEDBACK_FILE),
         ],
         "prompt": {"prefix_ids": prompt.prefix_ids, "suffix_ids": prompt.suffix_ids, "system": prompt.system,
                    "eos_ids": [IM_END]},

@@ -9,6 +9,15 @@
   and all 32 greedy ids identical (export/parity.lm_agreement, f32 rules), with llama.cpp on the
   exact path (f32 KV cache, flash attention off). The GGUF's tokenizer must give the official ids.
 
+* the speech head (``speech_head_input.onnx`` + ``speech_head_codes.npy`` + ``speech_head.gguf``,
+  run by runtime/fun_audio_chat/speech_head.py) vs ``reference.s2m_greedy``, the official generate
+  loop greedy: the runtime head is driven by the reference's hidden states and text embeddings (the
+  prompt prefill's T positions, then one per step) and picks its own codes; all 5 x (1 + 32) codes
+  identical, logits max abs <= 1e-3. Continuation: a second head decoding the prefill in pieces of
+  16 rows and taking a 3-step detour that it rolls back halfway must give the same codes and logits.
+* ``speech_feedback.onnx`` vs ``audio_tower`` on the reply's groups and on groups holding the
+  specials (BOS, EOS, pad): max abs error <= 1e-4 x max abs of the reference.
+
 The speech rows are the reference's own, so each stage is judged alone.
 """
 
@@ -20,14 +29,15 @@ import numpy as np
 import torch
 
 from omnilite.quant.accuracy import teacher_forced
+from omnilite.runtime.fun_audio_chat.speech_head import FEEDBACK_FILE, HeadSpec, SpeechFeedback, SpeechHead
 from omnilite.runtime.llm import LlamaCppLLM, LLMConfig, default_flash_attn
 from omnilite.runtime.metrics import relative_max_error
 
 from ..parity import PARITY_TOKENS, THRESHOLDS, lm_agreement, parity_inputs, summarize_lm
 from ..speech_encoder import log_mel_torch
-from .config import AUDIO_TOKEN, SAMPLE_RATE
+from .config import AUDIO_TOKEN, N_CODES, SAMPLE_RATE
 from .prompt import AudioPrompt, official_prompt_ids, prompt_text
-from .reference import FunAudioChatReference, llm_positions, mel_frames, placeholder_count
+from .reference import FunAudioChatReference, S2MTrace, llm_positions, mel_frames, placeholder_count, s2m_greedy
 
 N_MELS = 128
 PARITY_CTX = 1024  # prompt (< 40 ids) + the longest parity clip's positions + 32 generated ids
@@ -107,3 +117,89 @@ def llm_parity(model: FunAudioChatReference, gguf_path: Path, tokenizer_dir: Pat
     out["tokenizer_identical"] = tokenizer_ok
     out["ok"] = out["ok"] and tokenizer_ok
     return out
+
+
+HEAD_STEPS = 32  # LLM steps after the prefill: 5 x 32 = 160 codes, plus the prefill's 5
+HEAD_THRESHOLDS = {"logits_max_abs": 1e-3, "feedback_rel_max": 1e-4}
+HEAD_CTX = 1024  # head positions: 5 x (prompt + steps) of the longest parity clip
+DETOUR = 3  # steps a continuation check takes and rolls back
+
+
+def s2m_traces(model: FunAudioChatReference, tokenizer_dir: Path, system: str, n_steps: int = HEAD_STEPS) -> list[tuple[str, S2MTrace]]:
+    """The reference's greedy speech reply to each parity clip (official prompt and scatter)."""
+    traces = []
+    for name, audio in parity_inputs():
+        with torch.no_grad():
+            emb = model.user_audio_embeddings(clip_mel(audio), len(audio))
+            ids = torch.tensor(official_prompt_ids(tokenizer_dir, len(emb), system))
+            traces.append((name, s2m_greedy(model, ids, emb, n_steps)))
+    return traces
+
+
+def drive_head(head: SpeechHead, trace: S2MTrace, detour_at: int | None = None) -> tuple[list[list[int]], np.ndarray]:
+    """Run the runtime head on the trace's inputs; with `detour_at`, after that step feed DETOUR
+    steps of other inputs, then roll back to where the detour began."""
+    head.reset()
+    codes, logits = [], []
+    for k, (hidden, text) in enumerate(zip(trace.head_hidden, trace.head_text)):
+        codes.append(head.step(hidden.numpy(), text.numpy()))
+        logits.append(head.logits)
+        if k == detour_at:
+            mark = head.position()
+            for j in range(DETOUR):
+                head.step(np.ascontiguousarray(trace.head_hidden[j + 1].numpy()[:, ::-1]), trace.head_text[-1].numpy())
+            head.rollback(mark)
+    return codes, np.stack(logits)
+
+
+def _identical_codes(want: list[list[int]], got: list[list[int]]) -> int:
+    """Codes identical before the first difference, counted over the flattened steps."""
+    flat_w, flat_g = [c for g in want for c in g], [c for g in got for c in g]
+    n = next((i for i, (a, b) in enumerate(zip(flat_w, flat_g)) if a != b), min(len(flat_w), len(flat_g)))
+    return n
+
+
+def speech_head_parity(model: FunAudioChatReference, stage_dir: Path, spec: HeadSpec,
+                       traces: list[tuple[str, S2MTrace]]) -> dict:
+    rows, cont = [], {}
+    exact = LLMConfig(n_ctx=HEAD_CTX, kv_cache="f32", flash_attn="off")
+    head = SpeechHead(stage_dir, spec, exact)
+    pieces = SpeechHead(stage_dir, spec, LLMConfig(n_ctx=HEAD_CTX, n_batch=16, kv_cache="f32", flash_attn="off"))
+    try:
+        for i, (name, trace) in enumerate(traces):
+            want_codes = trace.codes
+            want_logits = torch.stack(trace.logits).numpy()
+            got_codes, got_logits = drive_head(head, trace)
+            n = sum(len(c) for c in want_codes)
+            rows.append({"input": name, "prompt_positions": int(trace.head_hidden[0].shape[0]), "steps": len(want_codes),
+                         "codes": n, "codes_identical": _identical_codes(want_codes, got_codes),
+                         "logits_max_abs": float(np.abs(got_logits - want_logits).max()),
+                         "speech_groups": len(trace.speech)})
+            if i == 0:
+                c_codes, c_logits = drive_head(pieces, trace, detour_at=len(want_codes) // 2)
+                cont = {"input": name, "n_batch": 16, "detour_at_step": len(want_codes) // 2, "detour_steps": DETOUR,
+                        "codes_identical": _identical_codes(got_codes, c_codes), "codes": n,
+                        "logits_max_abs_vs_one_pass": float(np.abs(c_logits - got_logits).max())}
+                cont["ok"] = cont["codes_identical"] == n and cont["logits_max_abs_vs_one_pass"] <= 1e-5
+    finally:
+        head.close()
+        pieces.close()
+    worst = max(r["logits_max_abs"] for r in rows)
+    ok = all(r["codes_identical"] == r["codes"] for r in rows) and worst <= HEAD_THRESHOLDS["logits_max_abs"]
+    return {"per_input": rows, "codes_identical": min(r["codes_identical"] for r in rows), "logits_max_abs": worst,
+            "threshold_logits_max_abs": HEAD_THRESHOLDS["logits_max_abs"], "continuation": cont,
+            "kv_cache": exact.kv_cache, "flash_attn": exact.flash_attn, "ok": ok and cont["ok"]}
+
+
+def feedback_parity(model: FunAudioChatReference, stage_dir: Path, spec: HeadSpec,
+                    traces: list[tuple[str, S2MTrace]]) -> dict:
+    groups = [g for _, t in traces for g in t.speech]
+    specials = [[spec.bos_id, spec.eos_id, model.audio_tower.embed_tokens.padding_idx, 0, N_CODES - 1]]
+    codes = np.array([c for g in groups + specials for c in g], dtype=np.int64)
+    with torch.no_grad():
+        want = model.audio_tower.speech_groups(torch.from_numpy(codes)).numpy()
+    got = SpeechFeedback(stage_dir / FEEDBACK_FILE, spec.group).embed(codes)
+    err = relative_max_error(want, got) if got.shape == want.shape else None
+    threshold = HEAD_THRESHOLDS["feedback_rel_max"]
+    return {"groups": len(groups) + len(specials), "rel_max_error": err, "threshold": threshold,
+            "ok": err is not None and err <= threshold}

@@ -31,7 +31,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 from omnilite.runtime.errors import AudioError, OmniliteError
 
 from ..tiny import sinusoids
-from .config import AUDIO_TOKEN, CHUNK_MEL_FRAMES, GROUP, MEL_HOP, SAMPLE_RATE, TOKEN_RATE
+from .config import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, CHUNK_MEL_FRAMES, GROUP, MEL_HOP, SAMPLE_RATE, TOKEN_RATE
 
 MAX_MEL_FRAMES = 3000  # the feature extractor pads or cuts to 30 s
 
@@ -157,10 +157,12 @@ class DiscreteEncoder(nn.Module):
 
 @dataclass
 class HeadState:
-    """The speech head's persistent state across LLM steps: its KV cache and the last code's embedding."""
+    """The speech head's persistent state across LLM steps: its KV cache and the last code's embedding
+    (one per generate() call in the official code, which starts it empty with BOS)."""
 
     cache: object = None
     prev: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (5, codebook) logits of the last step's sub-steps
 
 
 class SpeechHead(nn.Module):
@@ -176,7 +178,7 @@ class SpeechHead(nn.Module):
         self.output_matching = nn.Linear(cfg.hidden_size, d, bias=False)
         self.lm_head = nn.Linear(d, audio["codebook_size"], bias=False)
         self.group = audio["group_size"]
-        self.bos = audio["bos_token_id"]
+        self.bos, self.eos = audio["bos_token_id"], audio["eos_token_id"]
 
     def step(self, x: torch.Tensor, state: "HeadState", choose=None) -> list[int]:
         """One LLM step (or the prompt prefill): `x` (T, D) = final-norm hidden states + the input
@@ -186,16 +188,18 @@ class SpeechHead(nn.Module):
         choose = choose or (lambda logits: int(logits.argmax()))
         h = self.pre_matching(x).reshape(-1, x.shape[-1])  # (5T, D): sub-position 5t+i
         prev = self.lm_head.weight[self.bos] if state.prev is None else state.prev
-        codes = []
+        codes, logits = [], []
         for i in range(self.group):
             # Sub-step 0 also feeds every earlier sub-position, all with the same previous-code embedding.
             inp = h[: len(h) - self.group + 1] if i == 0 else h[len(h) - self.group + i: len(h) - self.group + i + 1]
             out = self.crq_transformer(inputs_embeds=self.input_matching(inp + prev)[None], past_key_values=state.cache, use_cache=True)
             state.cache = out.past_key_values
-            code = choose(self.lm_head(self.output_matching(out.last_hidden_state[0, -1])))
+            logits.append(self.lm_head(self.output_matching(out.last_hidden_state[0, -1])))
+            code = choose(logits[-1])
             codes.append(code)
             prev = self.lm_head.weight[code]
         state.prev = prev
+        state.logits = torch.stack(logits)
         return codes
 
 
@@ -226,6 +230,63 @@ class FunAudioChatReference(nn.Module):
         x = x.clone()
         x[where] = audio_embeds.to(x.dtype)
         return x
+
+
+@dataclass
+class S2MTrace:
+    """One greedy speech reply of the official generate loop, step by step; step 0 is the prompt
+    prefill (the head runs there too, its codes are dropped since speech is not on yet)."""
+
+    text_tokens: list[int]  # the text token chosen at each step
+    head_hidden: list[torch.Tensor]  # (T, D) final-norm hidden states the head read at each step
+    head_text: list[torch.Tensor]  # (T, D) text embeddings of those positions' input tokens
+    codes: list[list[int]]  # the head's codes at each step
+    logits: list[torch.Tensor]  # (5, codebook) head logits at each step
+    speech: list[list[int]]  # the groups kept as the reply's speech (a group with EOS becomes all EOS and ends it)
+    feedback: list[torch.Tensor]  # (D,) audio_tower row of each kept group that the LLM read back
+
+
+@torch.no_grad()
+def s2m_greedy(model: FunAudioChatReference, input_ids: torch.Tensor, audio_embeds: torch.Tensor, steps: int,
+               force_audio_bos: bool = True) -> S2MTrace:
+    """`steps` LLM steps after the prompt as the official ``_sample`` runs them (M:1218-1447), greedy
+    for text and speech and without stopping at the text eos: the head runs on every forward from
+    the prefill on, reading the final-norm hidden state + the input token's text embedding (at the
+    prompt's ``<|AUDIO|>`` rows that is the embedding of the ``<|AUDIO|>`` id itself, M:1123-1126);
+    ``<|audio_bos|>`` as input switches speech on (``force_text_abos`` makes it the first token);
+    while speaking, the next input is (text embedding + audio_tower(last group)) / 2 (M:1199-1208);
+    a group holding the speech EOS ends speech and the text token becomes ``<|audio_eos|>``."""
+    lm, head = model.language_model, model.audio_invert_tower
+    embed = lm.get_input_embeddings()
+    text = embed(input_ids)
+    out = lm.model(inputs_embeds=model.prompt_embeddings(input_ids, audio_embeds)[None], use_cache=True)
+    state = HeadState()
+    trace = S2MTrace([], [], [], [], [], [], [])
+    speaking = bool(input_ids[-1] == AUDIO_BOS)
+    for k in range(steps + 1):
+        hidden = out.last_hidden_state[0]
+        trace.head_hidden.append(hidden)
+        trace.head_text.append(text)
+        codes = head.step(hidden + text, state)
+        trace.codes.append(codes)
+        trace.logits.append(state.logits)
+        token = AUDIO_BOS if k == 0 and force_audio_bos else int(lm.lm_head(hidden[-1]).argmax())
+        if speaking:
+            if head.eos in codes:
+                codes, token, speaking = [head.eos] * head.group, AUDIO_EOS, False
+            trace.speech.append(codes)
+        trace.text_tokens.append(token)
+        if k == steps:
+            break
+        speaking |= token == AUDIO_BOS
+        text = embed(torch.tensor([token]))
+        x = text
+        if speaking and trace.speech:
+            fed = model.audio_tower.speech_groups(torch.tensor(trace.speech[-1]))[0]
+            trace.feedback.append(fed)
+            x = (text + fed) / 2
+        out = lm.model(inputs_embeds=x[None], past_key_values=out.past_key_values, use_cache=True)
+    return trace
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:

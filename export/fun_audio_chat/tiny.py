@@ -1,17 +1,21 @@
 """`make-tiny fun-audio-chat`: a Fun-Audio-Chat release in its on-disk layout with seeded random
-weights (small dimensions by default; ``shape="real"`` for the released ones, about 19 GB).
+weights (small dimensions by default; ``shape="real"`` for the released ones, about 20 GB).
 
 Written under `root` as the official README places the downloads next to the code:
 ``Fun-Audio-Chat-8B/`` (config.json with the release's keys, processor_config.json, the real
 Qwen tokenizer with Qwen3's extra tokens and this family's audio tokens, bf16 safetensors with
-the released tensor names, sharded at 5 GB with an index as transformers saves) and
+the released tensor names, sharded at 5 GB with an index as transformers saves),
+``Fun-CosyVoice3-0.5B-2512/`` (``cosyvoice3.yaml`` in HyperPyYAML syntax with the keys of the
+official CosyVoice3 config, ``flow.pt`` and ``hift.pt`` as f32 state dicts with the official module
+names, HiFT's weight norm stored as ``parametrizations.weight.original0/1`` pairs) and
 ``utils/new_spk2info.pt`` (the two voices of the GitHub repo's file, same keys and shapes per
 frame, random values).
 
 Not written (see NOTES.md): the ``speech_tokenizer/`` subfolder the processor loads (its files were
 not available to read; the runtime does not need it: user audio only becomes placeholders, and
-speech codes are numbers), generation_config.json (content unknown), and the CosyVoice3 vocoder
-dir ``Fun-CosyVoice3-0.5B-2512`` (flow.pt / hift.pt layouts still to be read). Random weights babble.
+speech codes are numbers), generation_config.json (content unknown), and the parts of the vocoder
+dir Fun-Audio-Chat never calls (``llm.pt``, ``campplus.onnx``, ``speech_tokenizer_v3.onnx``,
+``spk2info.pt``, ``CosyVoice-BlankEN/``). Random weights babble.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ from omnilite.runtime.errors import OmniliteError
 from ..omni2.qwen_tokenizer import qwen25_tokenizer, tokenizer_config, write_tokenizer
 from ..omni2.tiny import _fill, _llm_special
 from ..tiny import _Init
-from .config import EXTRA_TOKENS, MODEL_DIR, N_CODES, PROCESSOR_CONFIG, SHAPES, SPK2INFO, release_config
+from .config import (
+    EXTRA_TOKENS, MODEL_DIR, N_CODES, PROCESSOR_CONFIG, SHAPES, SPK2INFO, VOCODER_DIR, VOCODER_YAML, VocoderShape, release_config,
+)
 from .reference import expected_shapes
+from .vocoder_reference import CausalHiFT, CausalHiFTConfig, CausalMaskedDiffWithDiT, DiTFlowConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ def make_tiny_fun_audio_chat(root: Path, shape: str = "tiny", seed: int = 0, ove
     try:
         _write_model_dir(tmp / MODEL_DIR, release_config(shape), init, progress)
         _write_spk2info(tmp / SPK2INFO, init)
+        _write_vocoder_dir(tmp / VOCODER_DIR, SHAPES[shape].vocoder, init)
         if root.exists():
             shutil.rmtree(root)
         tmp.rename(root)
@@ -119,3 +127,178 @@ def _write_spk2info(path: Path, init: _Init) -> None:
         }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(voices, path)
+
+
+# ----------------------------------------------------------------------------- the vocoder dir
+
+
+def vocoder_shape_configs(v: VocoderShape) -> tuple[DiTFlowConfig, CausalHiFTConfig]:
+    """Flow and HiFT settings of `v`'s widths; everything else as the official cosyvoice3.yaml."""
+    return (DiTFlowConfig(lookahead_channels=v.lookahead_channels, dim=v.dit_dim, depth=v.dit_depth, heads=v.dit_heads,
+                          dim_head=v.dit_dim_head),
+            CausalHiFTConfig(base_channels=v.hift_channels, f0_cond_channels=v.f0_channels))
+
+
+def cosyvoice3_yaml(f: DiTFlowConfig, h: CausalHiFTConfig) -> str:
+    """cosyvoice3.yaml with the keys and tags of examples/libritts/cosyvoice3/conf/cosyvoice3.yaml
+    (training-only sections left out)."""
+    def lst(v) -> str:
+        return json.dumps([list(x) if isinstance(x, tuple) else x for x in v])
+
+    return f"""# set random seed, so that you may reproduce your result.
+__set_seed1: !apply:random.seed [1986]
+__set_seed2: !apply:numpy.random.seed [1986]
+__set_seed3: !apply:torch.manual_seed [1986]
+__set_seed4: !apply:torch.cuda.manual_seed_all [1986]
+
+# fixed params
+sample_rate: {h.sampling_rate}
+llm_input_size: 896
+llm_output_size: 896
+spk_embed_dim: {f.spk_embed_dim}
+qwen_pretrain_path: ''
+token_frame_rate: 25
+token_mel_ratio: {f.token_mel_ratio}
+
+# stream related params
+chunk_size: {f.static_chunk_size // f.token_mel_ratio} # streaming inference chunk size, in token
+num_decoding_left_chunks: -1 # streaming inference flow decoder left chunk size, <0 means use all left chunks
+
+llm: !new:cosyvoice.llm.llm.CosyVoice3LM
+    llm_input_size: !ref <llm_input_size>
+    llm_output_size: !ref <llm_output_size>
+    speech_token_size: {f.vocab_size}
+    length_normalized_loss: True
+    lsm_weight: 0
+    mix_ratio: [5, 15]
+    llm: !new:cosyvoice.llm.llm.Qwen2Encoder
+        pretrain_path: !ref <qwen_pretrain_path>
+    sampling: !name:cosyvoice.utils.common.ras_sampling
+        top_p: 0.8
+        top_k: 25
+        win_size: 10
+        tau_r: 0.1
+
+flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
+    input_size: {f.input_size}
+    output_size: {f.output_size}
+    spk_embed_dim: !ref <spk_embed_dim>
+    output_type: 'mel'
+    vocab_size: {f.vocab_size}
+    input_frame_rate: !ref <token_frame_rate>
+    only_mask_loss: True
+    token_mel_ratio: !ref <token_mel_ratio>
+    pre_lookahead_len: {f.pre_lookahead_len}
+    pre_lookahead_layer: !new:cosyvoice.transformer.upsample_encoder.PreLookaheadLayer
+        in_channels: {f.input_size}
+        channels: {f.lookahead_channels}
+        pre_lookahead_len: {f.pre_lookahead_len}
+    decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
+        in_channels: 240
+        n_spks: 1
+        spk_emb_dim: {f.output_size}
+        cfm_params: !new:omegaconf.DictConfig
+            content:
+                sigma_min: 1e-06
+                solver: 'euler'
+                t_scheduler: '{f.t_scheduler}'
+                training_cfg_rate: 0.2
+                inference_cfg_rate: {f.inference_cfg_rate}
+                reg_loss_type: 'l1'
+        estimator: !new:cosyvoice.flow.DiT.dit.DiT
+            dim: {f.dim}
+            depth: {f.depth}
+            heads: {f.heads}
+            dim_head: {f.dim_head}
+            ff_mult: {f.ff_mult}
+            mel_dim: {f.output_size}
+            mu_dim: {f.output_size}
+            spk_dim: {f.output_size}
+            out_channels: {f.output_size}
+            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
+            num_decoding_left_chunks: !ref <num_decoding_left_chunks>
+
+hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
+    in_channels: {h.in_channels}
+    base_channels: {h.base_channels}
+    nb_harmonics: {h.nb_harmonics}
+    sampling_rate: !ref <sample_rate>
+    nsf_alpha: {h.nsf_alpha}
+    nsf_sigma: {h.nsf_sigma}
+    nsf_voiced_threshold: {h.nsf_voiced_threshold:g}
+    upsample_rates: {lst(h.upsample_rates)}
+    upsample_kernel_sizes: {lst(h.upsample_kernel_sizes)}
+    istft_params:
+        n_fft: {h.n_fft}
+        hop_len: {h.hop_len}
+    resblock_kernel_sizes: {lst(h.resblock_kernel_sizes)}
+    resblock_dilation_sizes: {lst(h.resblock_dilation_sizes)}
+    source_resblock_kernel_sizes: {lst(h.source_resblock_kernel_sizes)}
+    source_resblock_dilation_sizes: {lst(h.source_resblock_dilation_sizes)}
+    lrelu_slope: {h.lrelu_slope}
+    audio_limit: {h.audio_limit}
+    conv_pre_look_right: {h.conv_pre_look_right}
+    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor
+        num_class: 1
+        in_channels: {h.in_channels}
+        cond_channels: {h.f0_cond_channels}
+
+feat_extractor: !name:matcha.utils.audio.mel_spectrogram
+    n_fft: 1920
+    num_mels: 80
+    sampling_rate: !ref <sample_rate>
+    hop_size: 480
+    win_size: 1920
+    fmin: 0
+    fmax: null
+    center: False
+"""
+
+
+def _flow_state(c: DiTFlowConfig, init: _Init) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CausalMaskedDiffWithDiT(c).state_dict().items()}
+
+    def special(name: str, shape):
+        if name == "decoder.estimator.rotary_embed.inv_freq":  # a buffer the release stores: the real values
+            return 1.0 / (10000 ** (torch.arange(0, c.dim_head, 2).float() / c.dim_head))
+        if name == "input_embedding.weight":
+            return init("flow." + name, shape, "normal", 1.0)
+        return None
+
+    return _fill(shapes, init, special=special)
+
+
+def _hift_state(c: CausalHiFTConfig, init: _Init) -> dict[str, torch.Tensor]:
+    """hift.pt: weight-norm pairs (torch's parametrization names) on every conv but source_downs."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CausalHiFT(c).state_dict().items()}
+
+    def special(name: str, shape):
+        if name == "f0_predictor.classifier.bias":
+            return init(name, shape, "const", 150.0)  # a voiced pitch, so the harmonic source is exercised
+        if name.endswith(".alpha"):
+            return init(name, shape, "norm")
+        if name == "conv_post.weight":  # modest log-magnitudes: a random net would otherwise clip at +-0.99
+            return init(name, shape, "normal", 0.2 / math.sqrt(shape[1] * shape[2]))
+        if name == "conv_post.bias":
+            return init(name, shape, "const", -1.0)
+        return None
+
+    state = {}
+    for name, t in _fill(shapes, init, special=special).items():
+        if name.endswith(".weight") and t.dim() == 3 and not name.startswith("source_downs."):
+            base = name[: -len(".weight")]
+            state[base + ".parametrizations.weight.original0"] = t.flatten(1).norm(dim=1).view(-1, 1, 1)
+            state[base + ".parametrizations.weight.original1"] = t
+        else:
+            state[name] = t
+    return state
+
+
+def _write_vocoder_dir(path: Path, v: VocoderShape, init: _Init) -> None:
+    flow, hift = vocoder_shape_configs(v)
+    path.mkdir(parents=True)
+    (path / VOCODER_YAML).write_text(cosyvoice3_yaml(flow, hift))
+    torch.save(_flow_state(flow, init), path / "flow.pt")
+    torch.save(_hift_state(hift, init), path / "hift.pt")

@@ -168,11 +168,15 @@ class ConformerLayer(nn.Module):
 
 
 class PreLookahead(nn.Module):
-    def __init__(self, channels: int, lookahead: int):
+    """``PreLookaheadLayer``: conv over each position and `lookahead` later ones (zero past the end),
+    leaky ReLU, causal conv k3, residual. `hidden`: conv1's output width (CosyVoice3 widens 80 -> 1024)."""
+
+    def __init__(self, channels: int, lookahead: int, hidden: int | None = None):
         super().__init__()
         self.lookahead = lookahead
-        self.conv1 = nn.Conv1d(channels, channels, lookahead + 1)
-        self.conv2 = nn.Conv1d(channels, channels, 3)
+        hidden = hidden or channels
+        self.conv1 = nn.Conv1d(channels, hidden, lookahead + 1)
+        self.conv2 = nn.Conv1d(hidden, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.pad(x.transpose(1, 2), (0, self.lookahead))

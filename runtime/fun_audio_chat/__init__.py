@@ -1,0 +1,1 @@
+"""Fun-Audio-Chat runtime stages (torch-free)."""

@@ -240,8 +240,31 @@ def _export_omni2(args) -> int:
     return 0
 
 
+def _model_type(checkpoint: str) -> str | None:
+    """config.json's model_type at the checkpoint's root (None when absent or unreadable)."""
+    try:
+        return json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _export_step_audio2(args) -> int:
+    from omnilite.export.step_audio2.export import StepAudio2ExportOptions, export_step_audio2
+    from omnilite.runtime.errors import OmniliteError
+
+    if args.preset != "fp32" or any(_quant_overrides(args).values()) or args.encoder_mode or args.llm_dtype != "f32":
+        raise OmniliteError("Step-Audio 2 bundles are exported in fp32 with the official front end only; drop --preset, "
+                            "--llm-dtype, the per-stage precisions and --encoder-mode.")
+    options = StepAudio2ExportOptions(parity=not args.no_parity, strict_parity=not args.no_strict, overwrite=args.force,
+                                      progress=not args.quiet)
+    out = export_step_audio2(args.checkpoint, args.out, options, args.speaker_wav)
+    _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))
+    print(f"wrote bundle {out}")
+    return 0
+
+
 # Families whose checkpoints make-tiny writes and whose loaders exist, but which cannot be exported yet.
-NOT_YET_EXPORTABLE = {"funaudiochat": "Fun-Audio-Chat", "step_audio_2": "Step-Audio 2"}
+NOT_YET_EXPORTABLE = {"funaudiochat": "Fun-Audio-Chat"}
 
 
 def _refuse_unexportable(checkpoint: str) -> None:
@@ -263,6 +286,8 @@ def cmd_export(args) -> int:
     _refuse_unexportable(args.checkpoint)
     if _is_omni2(args.checkpoint):
         return _export_omni2(args)
+    if _model_type(args.checkpoint) == "step_audio_2":
+        return _export_step_audio2(args)
     from omnilite.export.llama_omni import ExportOptions, export_llama_omni
 
     options = ExportOptions(llm_dtype=args.llm_dtype, omega=args.omega, parity=not args.no_parity,
@@ -688,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speech-encoder", help="Whisper large-v3.pt (default: models/speech_encoder/large-v3.pt next to the model dir)")
     s.add_argument("--vocoder", help="unit vocoder dir with g_00500000 and config.json (default: vocoder/ next to the model dir)")
     s.add_argument("--decoder", help="LLaMA-Omni2: the CosyVoice2 decoder dir (default: models/cosy2_decoder)")
-    s.add_argument("--speaker-wav", help="LLaMA-Omni2: the voice prompt (official: llama_omni2/inference/prompt_en.wav)")
+    s.add_argument("--speaker-wav", help="LLaMA-Omni2 and Step-Audio 2: the voice prompt (official: llama_omni2/inference/prompt_en.wav; "
+                                                "Step-Audio2 assets/default_female.wav)")
     s.add_argument("--llm-dtype", choices=("f32", "f16"), default="f32")
     s.add_argument("--omega", type=_whole(1), default=10, help="text tokens per speech-generator chunk")
     s.add_argument("--encoder-mode", type=_encoder_mode, default=None, metavar="MODE",

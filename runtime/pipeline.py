@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 SUPPORTED_FAMILIES = ("llama-omni",)
 # Families with their own pipeline class (a subclass sharing this one's stages and drivers),
 # imported only when such a bundle is loaded.
-FAMILY_PIPELINES = {"llama-omni2": "omnilite.runtime.omni2.pipeline:Omni2Pipeline"}
+FAMILY_PIPELINES = {"llama-omni2": "omnilite.runtime.omni2.pipeline:Omni2Pipeline",
+                    "step-audio2": "omnilite.runtime.step_audio2.pipeline:StepAudio2Pipeline"}
 MODES = ("overlapped", "sequential")
 STAGES = ("resample", "mel", "encoder", "llm_prefill", "llm_decode", "speech_generator", "vocoder")
 # What separates the previous assistant reply from the next user turn's speech in the llama_3
@@ -156,7 +157,7 @@ class Pipeline:
             return SessionOptions(providers=config.providers, intra_op_threads=config.threads_for(stage) or 0,
                                   profile_dir=config.profile_dir)
 
-        self.encoder = SpeechEncoder(bundle, ort_for("encoder"))
+        self.encoder = self._speech_encoder(bundle, ort_for("encoder"))
         llm_cfg = bundle["llm"]
         prompt = llm_cfg["prompt"]
         self.prefix_ids = list(prompt["prefix_ids"])
@@ -172,6 +173,10 @@ class Pipeline:
         self.llm = LlamaCppLLM(bundle.file("llm"), stage_llm_config(bundle, "llm", n_ctx=n_ctx, n_threads=config.threads_for("llm"),
                                                                     n_gpu_layers=config.n_gpu_layers))
         return ort_for, prompt
+
+    def _speech_encoder(self, bundle: Bundle, options: SessionOptions):
+        """The speech front end + encoder stage; a family with its own front end overrides this."""
+        return SpeechEncoder(bundle, options)
 
     @classmethod
     def load(cls, bundle: str | Path, config: PipelineConfig = PipelineConfig()) -> "Pipeline":

@@ -250,7 +250,7 @@ def test_pieces_are_encoded_as_the_official_padded_batch(tiny):
         assert torch.equal(R.encode_pieces(enc, mels[1:])[0], enc(mels[1][None]))
 
 
-def test_cli_makes_a_tiny_checkpoint_and_refuses_to_export_it_in_one_sentence(tmp_path, capsys):
+def test_cli_makes_a_tiny_checkpoint_and_export_without_a_voice_is_refused_in_one_sentence(tmp_path, capsys):
     from omnilite.cli import main
 
     assert main(["make-tiny", "step-audio2", str(tmp_path / "ckpt"), "-q"]) == 0
@@ -258,6 +258,5 @@ def test_cli_makes_a_tiny_checkpoint_and_refuses_to_export_it_in_one_sentence(tm
     capsys.readouterr()
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "bundle")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {tmp_path / 'ckpt'} is a Step-Audio 2 checkpoint, which this omnilite "
-                   "can load and make tiny copies of but not export yet; export LLaMA-Omni or LLaMA-Omni2."]
+    assert len(err) == 1 and err[0].startswith("error: Step-Audio 2 speaks in the voice of a prompt recording; pass --speaker-wav")
     assert not (tmp_path / "bundle").exists()

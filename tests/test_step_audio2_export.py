@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import omnilite
 from tokenizers import Tokenizer
 from torch import nn
 
@@ -18,12 +20,11 @@ from omnilite.export.step_audio2 import reference as R
 from omnilite.export.step_audio2.checkpoint import AUDIO_START_ID, open_step_audio2
 from omnilite.export.step_audio2.encoder_stage import ENCODER_FILE, encoder_parity, export_encoder, official_batch_inputs
 from omnilite.export.step_audio2.flow_stage import FLOW_FILES
-from omnilite.export.step_audio2.export import (PARITY_FILE, StepAudio2StageOptions, export_step_audio2_stages,
-                                                stage_parity_inputs)
+from omnilite.export.step_audio2.export import STAGE_FILES, StepAudio2ExportOptions, export_step_audio2, stage_parity_inputs
 from omnilite.export.step_audio2.llm_stage import (LLM_FILE, llm_parity, prefill_spliced, render_speech_prompt,
                                                    spliced_prompts, splice_plan)
 from omnilite.export.step_audio2.tiny import make_tiny_step_audio2
-from omnilite.runtime.bundle import sha256_file
+from omnilite.runtime.bundle import MANIFEST, load_bundle, sha256_file
 from omnilite.runtime.errors import CheckpointError, OmniliteError
 from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
 from omnilite.runtime.metrics import relative_max_error
@@ -34,9 +35,16 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_step_audio2(tmp_path_factory.mktemp("sa2x") / "Step-Audio-2-mini", seed=0)
 
 
+QUESTION = Path(omnilite.__file__).parent / "data" / "question.wav"  # any voice will do for random weights
+
+
 @pytest.fixture(scope="module")
 def stages(tiny) -> Path:
-    return export_step_audio2_stages(tiny, tiny.parent / "stages")
+    return export_step_audio2(tiny, tiny.parent / "stages", speaker_wav=QUESTION)
+
+
+def _parity(stages: Path) -> dict:
+    return json.loads((stages / MANIFEST).read_text())["parity"]
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +53,14 @@ def ref(tiny):
     return ckpt, R.load_encoder(ckpt), R.load_llm(ckpt), Tokenizer.from_file(str(tiny / "tokenizer.json"))
 
 
-def test_export_writes_the_stages_and_their_parity(stages):
-    record = json.loads((stages / PARITY_FILE).read_text())
-    assert sorted(p.name for p in stages.iterdir()) == sorted([ENCODER_FILE, LLM_FILE, *FLOW_FILES, PARITY_FILE])
-    assert record["family"] == "step-audio2"
-    assert record["files"] == {f: sha256_file(stages / f) for f in (ENCODER_FILE, LLM_FILE, *FLOW_FILES)}
+def test_export_writes_the_bundle_and_its_parity(stages):
+    record = json.loads((stages / MANIFEST).read_text())
+    files = [f for _, f in STAGE_FILES]
+    assert sorted(p.name for p in stages.iterdir()) == sorted([*files, MANIFEST])
+    assert {ENCODER_FILE, LLM_FILE, *FLOW_FILES} <= set(files)
+    assert record["family"] == "step-audio2" and record["audio"]["output_sample_rate"] == 24000
+    assert {s["file"]: s["sha256"] for s in record["stages"]} == {f: sha256_file(stages / f) for f in files}
+    assert load_bundle(stages).family == "step-audio2"  # verifies every sha256
     assert not (stages.parent / ".stages.partial").exists()
     p = record["parity"]
     assert all(p[k]["ok"] for k in ("flow_whole", "flow_stream", "flow_stream_vs_whole", "hift"))
@@ -57,7 +68,7 @@ def test_export_writes_the_stages_and_their_parity(stages):
 
 
 def test_encoder_onnx_matches_the_reference_on_pieces_of_different_lengths(stages):
-    enc = json.loads((stages / PARITY_FILE).read_text())["parity"]["encoder"]
+    enc = _parity(stages)["encoder"]
     frames = [r["mel_frames"] for r in enc["per_piece"]]
     assert frames == [302, 202, 363, 2502, 133]  # both mask parities; a full 25 s piece (313 positions)
     for r in enc["per_piece"]:
@@ -94,7 +105,7 @@ def test_last_piece_needs_the_official_padded_batch(stages, ref):
 
 
 def test_llm_gguf_matches_the_reference_with_the_speech_spliced(stages):
-    llm = json.loads((stages / PARITY_FILE).read_text())["parity"]["llm"]
+    llm = _parity(stages)["llm"]
     assert llm["ok"] and llm["inputs"] == len(stage_parity_inputs()) == 4
     assert llm["identical_per_input"] == [32] * 4 and llm["of"] == 32
     assert llm["first_logits_max_abs"] <= 1e-3
@@ -159,20 +170,20 @@ def test_failing_parity_writes_nothing(tiny, monkeypatch, tmp_path):
     monkeypatch.setattr(llm_stage, "splice_plan", lambda ids, counts: [s + 1 for s in real(ids, counts)])
     out = tmp_path / "stages"
     with pytest.raises(OmniliteError, match=r"^exported stage\(s\) llm differ from the PyTorch reference beyond tolerance"):
-        export_step_audio2_stages(tiny, out)
+        export_step_audio2(tiny, out, speaker_wav=QUESTION)
     assert not out.exists() and not (tmp_path / ".stages.partial").exists()
 
 
 def test_bad_targets_are_refused_in_one_sentence(tiny, stages, tmp_path):
     with pytest.raises(OmniliteError, match=r"already exists and is not empty; choose another directory or pass --force\.$"):
-        export_step_audio2_stages(tiny, stages)
+        export_step_audio2(tiny, stages, speaker_wav=QUESTION)
     no_fast = Path(tmp_path / "ckpt")
     no_fast.mkdir()
     for p in tiny.iterdir():
         if p.name != "tokenizer.json":
             (no_fast / p.name).symlink_to(p)
     with pytest.raises(CheckpointError, match=r"tokenizer\.json is missing; the export needs the release's tokenizer\.json"):
-        export_step_audio2_stages(no_fast, tmp_path / "out", StepAudio2StageOptions(parity=False))
+        export_step_audio2(no_fast, tmp_path / "out", StepAudio2ExportOptions(parity=False), speaker_wav=QUESTION)
     assert not (tmp_path / "out").exists()
 
 

@@ -152,9 +152,11 @@ def llm_parity(ref_llm, gguf_path: Path, prompts: list[SplicedPrompt]) -> dict:
             tokens, logits = reference_greedy(ref_llm, splice_audio(ids, embed(ids), p.rows), PARITY_TOKENS)
             first = prefill_spliced(llm, p.ids, [r.numpy() for r in p.rows])
             logits_rt, _ = teacher_forced(llm, first, tokens)
-            per_input.append(lm_agreement("f32", tokens, logits, None, logits_rt, None))
+            per_input.append(lm_agreement("f32", tokens, logits, None, logits_rt, None) | {"reference_ids": tokens})
             tokenizer_ok = tokenizer_ok and llm.tokenize(p.text, special=True) == p.ids
+    # The reference's greedy ids per input: what the runtime pipeline must reproduce free-running.
     report = summarize_lm(per_input, config) | {"inputs_named": [p.name for p in prompts],
+                                                "reference_greedy_ids": [r["reference_ids"] for r in per_input],
                                                 "prompt_positions": [len(p.ids) for p in prompts],
                                                 "audio_rows": [[len(r) for r in p.rows] for p in prompts],
                                                 "gguf_tokenizer_identical": tokenizer_ok}

@@ -136,6 +136,10 @@ def run_bench(cfg: BenchConfig) -> dict:
                 bar.update()
     del pipe  # free its ONNX Runtime sessions before the next pipeline or the torch baseline loads
     gc.collect()
+    silent = sum(len(d.audio) == 0 for done in results.values() for d in done)
+    if silent:  # no first audio sample: no TTFA or RTF to report
+        raise OmniliteError(f"{silent} of the benchmark's replies of {cfg.max_new_tokens} forced tokens gave no audio "
+                            f"({bundle.family}: too few speech tokens for the first vocoder chunk); raise -n/--max-new-tokens.")
     report = _report(cfg, host, profile, reason, providers, provider_warnings, threads, bundle, results,
                      load_seconds, speech_seconds)
     report["threads"] = {"stages": settings["stage_threads"], "llm": threads}

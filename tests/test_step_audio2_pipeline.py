@@ -191,3 +191,14 @@ def test_info_and_a_damaged_bundle_through_the_cli(bundle, tmp_path, capsys):
                  "--encoder-mode", "tail-2s"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not apply to Step-Audio 2" in err[0]
+
+
+def test_bench_with_replies_too_short_for_audio_is_one_sentence(bundle, tmp_path, capsys):
+    """64 forced tokens of the tiny give fewer speech codes than the first token2wav window: bench says
+    so and how to fix it, instead of failing on a missing TTFA."""
+    from omnilite.cli import main
+
+    assert main(["bench", str(bundle), "--input", str(QUESTION), "--runs", "1", "--warmup", "0", "-n", "8", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: 2 of the benchmark's replies of 8 forced tokens gave no audio (step-audio2: too few speech "
+                       "tokens for the first vocoder chunk); raise -n/--max-new-tokens.")

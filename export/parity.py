@@ -31,9 +31,12 @@ THRESHOLDS = {
     "mel_max_abs": 1e-4,
     "encoder_rel_max": 1e-3,
     "hidden_cosine_min": 0.999,
-    # f32 GGUF: flash attention on the f32 path moved first-step logits by ~1e-2 and greedy ids
-    # within 10 tokens, which the cosine bound alone (0.999994) let through; plain attention: ~1e-6.
-    "first_logits_max_abs": 1e-3,
+    # f32 GGUF: flash attention on the f32 path moved first-step logits by 2.1e-2 (SmolLM2) to 5.7e-2
+    # (tiny) and greedy ids within 10 tokens, which the cosine bound alone (0.999994) let through.
+    # Plain attention: ~1e-6 on the tiny models, but up to 1.22e-3 at the real Qwen2.5-0.5B TTS LM
+    # shape (158k-id head, AVX-512 host; 1e-3 failed one export of two there). 5e-3 keeps 4x margin
+    # on both sides and still refuses a 1e-2 logit error.
+    "first_logits_max_abs": 5e-3,
     "vocoder_snr_db": 40.0,
 }
 

@@ -111,7 +111,7 @@ def test_llm_parity_fails_with_the_speech_rows_one_position_early(stages, model,
     good = AudioPrompt.build(model_dir)
     shifted = AudioPrompt(good.prefix_ids[:-1], good.prefix_ids[-1:] + good.suffix_ids, good.system)
     rep = llm_parity(model, stages / LLM_FILE, model_dir, shifted, n_tokens=4)
-    assert not rep["ok"] and rep["first_logits_max_abs"] > 1e-3
+    assert not rep["ok"] and rep["first_logits_max_abs"] > 5e-3
     assert rep["splice"] == {"prefix_ids": 23, "official_first_audio_row": 24}
 
 

@@ -219,7 +219,7 @@ def test_whisper_heads_from_pt_or_a_sentence(tiny_checkpoint, tmp_path):
 
 def test_flash_attention_on_the_exact_path_fails_the_export(tiny_checkpoint, tmp_path, monkeypatch):
     """The fault that passed the old cosine-only check (0.999994): flash attention on an f32 GGUF.
-    The tightened check (first-step logits <= 1e-3) refuses it; measured 0.057 on the tiny model."""
+    The tightened check (first-step logits <= 5e-3) refuses it; measured 0.057 on the tiny model."""
     import omnilite.export.llama_omni as llama_omni
     from omnilite.runtime.errors import OmniliteError
 
@@ -228,5 +228,5 @@ def test_flash_attention_on_the_exact_path_fails_the_export(tiny_checkpoint, tmp
     with pytest.raises(OmniliteError, match=r"exported stage\(s\) llm differ from the PyTorch reference beyond tolerance") as e:
         llama_omni.export_llama_omni(tiny_checkpoint, out, llama_omni.ExportOptions(progress=False, encoder_mode="exact"))
     report = json.loads(str(e.value).split("tolerance (", 1)[1].rsplit("); no bundle", 1)[0])["llm"]
-    assert report["flash_attn"] == "on" and report["first_logits_max_abs"] > 1e-3
+    assert report["flash_attn"] == "on" and report["first_logits_max_abs"] > 5e-3
     assert not out.exists()

@@ -181,7 +181,7 @@ def cmd_make_tiny(args) -> int:
     progress = not args.quiet  # a bar per step on stderr; importing PyTorch alone takes seconds first
     if progress and importlib.util.find_spec("torch") is not None:  # without it, the one error line says so
         print("make-tiny: loading PyTorch ...", file=sys.stderr, flush=True)
-    if args.family == "fun-audio-chat":  # checkpoint only so far: export and runtime are issue 16's next steps
+    if args.family == "fun-audio-chat":
         from omnilite.export.fun_audio_chat.tiny import make_tiny_fun_audio_chat
 
         shape = args.shape
@@ -263,31 +263,42 @@ def _export_step_audio2(args) -> int:
     return 0
 
 
-# Families whose checkpoints make-tiny writes and whose loaders exist, but which cannot be exported yet.
-NOT_YET_EXPORTABLE = {"funaudiochat": "Fun-Audio-Chat"}
-
-
-def _refuse_unexportable(checkpoint: str) -> None:
+def _is_fun_audio_chat(checkpoint: str) -> bool:
+    """config.json at the checkpoint's root or in a folder under it (the official pretrained_models/
+    holds Fun-Audio-Chat-8B/ beside the vocoder dir) says model_type "funaudiochat"."""
     root = Path(checkpoint)
     for cfg in [root / "config.json", *sorted(root.glob("*/config.json"))]:
         try:
-            model_type = json.loads(cfg.read_text()).get("model_type", "")
+            if json.loads(cfg.read_text()).get("model_type") == "funaudiochat":
+                return True
         except (OSError, ValueError, AttributeError):
             continue
-        if model_type in NOT_YET_EXPORTABLE:
-            from omnilite.runtime.errors import OmniliteError
+    return False
 
-            raise OmniliteError(f"{cfg.parent} is a {NOT_YET_EXPORTABLE[model_type]} checkpoint, which this omnilite "
-                                "can load and make tiny copies of but not export yet; export LLaMA-Omni or LLaMA-Omni2.")
+
+def _export_fun_audio_chat(args) -> int:
+    from omnilite.export.fun_audio_chat.bundle import FunAudioChatExportOptions, export_fun_audio_chat
+    from omnilite.runtime.errors import OmniliteError
+
+    if (args.preset != "fp32" or any(_quant_overrides(args).values()) or args.encoder_mode or args.llm_dtype != "f32"
+            or args.speaker_wav):
+        raise OmniliteError("Fun-Audio-Chat bundles are exported in fp32 with the official front end and the release's "
+                            "voice only; drop --preset, --llm-dtype, the per-stage precisions, --encoder-mode and --speaker-wav.")
+    options = FunAudioChatExportOptions(parity=not args.no_parity, strict_parity=not args.no_strict, overwrite=args.force)
+    out = export_fun_audio_chat(args.checkpoint, args.out, options)
+    _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))
+    print(f"wrote bundle {out}")
+    return 0
 
 
 def cmd_export(args) -> int:
     _check_output_dir(args.out, "OUT")
-    _refuse_unexportable(args.checkpoint)
     if _is_omni2(args.checkpoint):
         return _export_omni2(args)
     if _model_type(args.checkpoint) == "step_audio_2":
         return _export_step_audio2(args)
+    if _is_fun_audio_chat(args.checkpoint):
+        return _export_fun_audio_chat(args)
     from omnilite.export.llama_omni import ExportOptions, export_llama_omni
 
     options = ExportOptions(llm_dtype=args.llm_dtype, omega=args.omega, parity=not args.no_parity,

@@ -174,8 +174,9 @@ class LlamaCppLLM:
 
     # --- evaluation --------------------------------------------------------------------------
 
-    def eval_tokens(self, ids: Sequence[int], want_last: bool = False) -> Output | None:
-        """Prefill token ids; with ``want_last`` return the last position's (logits, hidden)."""
+    def eval_tokens(self, ids: Sequence[int], want_last: bool = False, want_hidden: bool = False) -> Output | None:
+        """Prefill token ids; with ``want_last`` return the last position's (logits, hidden); with
+        ``want_hidden``, the last position's logits and every position's hidden state (n, n_embd)."""
         ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.n_vocab]
         if bad:
@@ -186,10 +187,11 @@ class LlamaCppLLM:
             for i, t in enumerate(ids[start:start + count]):
                 batch.token[i] = t
 
-        return self._eval(batch, len(ids), put, want_last)
+        return self._eval(batch, len(ids), put, want_last, want_hidden)
 
-    def eval_embeddings(self, embeds: np.ndarray, want_last: bool = False) -> Output | None:
-        """Prefill raw input embeddings of shape (n, n_embd) (a leading batch axis of 1 is allowed)."""
+    def eval_embeddings(self, embeds: np.ndarray, want_last: bool = False, want_hidden: bool = False) -> Output | None:
+        """Prefill raw input embeddings of shape (n, n_embd) (a leading batch axis of 1 is allowed);
+        ``want_last`` / ``want_hidden`` as in `eval_tokens`."""
         embeds = np.asarray(embeds, dtype=np.float32)
         if embeds.ndim == 3 and embeds.shape[0] == 1:
             embeds = embeds[0]
@@ -201,7 +203,7 @@ class LlamaCppLLM:
         def put(start: int, count: int) -> None:
             ctypes.memmove(batch.embd, embeds[start:start + count].ctypes.data, count * self.n_embd * 4)
 
-        return self._eval(batch, len(embeds), put, want_last)
+        return self._eval(batch, len(embeds), put, want_last, want_hidden)
 
     def generate(self, max_new_tokens: int, *, ignore_eos: bool = False, first: Output) -> Iterator[tuple[int, np.ndarray]]:
         """Greedy decoding. Yields (token, hidden) where hidden is the state of the position that
@@ -215,8 +217,11 @@ class LlamaCppLLM:
                 return  # the final token is not fed back: nobody will read its prediction
             logits, hidden = self.eval_tokens([token], want_last=True)
 
-    def _eval(self, batch: llama_cpp.llama_batch, n: int, put: Callable[[int, int], None], want_last: bool) -> Output | None:
-        """Decode ``n`` rows in pieces of n_batch; ``put(start, count)`` writes a piece's data."""
+    def _eval(self, batch: llama_cpp.llama_batch, n: int, put: Callable[[int, int], None], want_last: bool,
+              want_hidden: bool = False) -> Output | None:
+        """Decode ``n`` rows in pieces of n_batch; ``put(start, count)`` writes a piece's data. With
+        `want_hidden` every row is an output (Fun-Audio-Chat's speech head reads each prompt position's
+        final-norm state): returns (last row's logits, (n, n_embd) hidden states)."""
         self._open()
         if n == 0:
             if want_last:
@@ -232,11 +237,12 @@ class LlamaCppLLM:
         # multiply-adds at Qwen2.5-0.5B) and a logits copy for each prompt position. Only the last
         # position is read, so it is decoded alone, with embeddings on; the rest without outputs.
         pieces = [(s, min(self._n_batch, n - s)) for s in range(0, n, self._n_batch)]
-        if want_last and pieces[-1][1] > 1:
+        hidden = np.empty((n, self.n_embd), np.float32) if want_hidden else None
+        if want_last and not want_hidden and pieces[-1][1] > 1:
             s, c = pieces.pop()
             pieces += [(s, c - 1), (s + c - 1, 1)]
         for start, count in pieces:
-            last = want_last and start + count == n
+            last = want_hidden or (want_last and start + count == n)
             put(start, count)
             batch.n_tokens = count
             for i in range(count):
@@ -253,15 +259,21 @@ class LlamaCppLLM:
                     + "; load the LLM with a larger n_ctx, fewer GPU layers or a smaller n_batch."
                 )
             self._n_past += count
+            if want_hidden:
+                for i in range(count):
+                    hidden[start + i] = self._output(i, logits=False)[1]
+        if want_hidden:
+            return self._output(pieces[-1][1] - 1)[0], hidden
         return self._output(0) if want_last else None
 
-    def _output(self, i: int) -> Output:
-        """(logits, hidden) of batch row ``i``; copied, since llama.cpp reuses its buffers."""
-        logits = llama_cpp.llama_get_logits_ith(self._ctx, i)
+    def _output(self, i: int, logits: bool = True) -> Output:
+        """(logits, hidden) of batch row ``i``; copied, since llama.cpp reuses its buffers. Without
+        `logits` the first item is None (a row whose logits nobody reads)."""
+        out = llama_cpp.llama_get_logits_ith(self._ctx, i) if logits else True
         hidden = llama_cpp.llama_get_embeddings_ith(self._ctx, i)
-        if not logits or not hidden:
+        if not out or not hidden:
             raise OmniliteError("llama.cpp returned no logits or hidden state; upgrade llama-cpp-python.")
-        return (np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy(),
+        return (np.ctypeslib.as_array(out, shape=(self.n_vocab,)).copy() if logits else None,
                 np.ctypeslib.as_array(hidden, shape=(self.n_embd,)).copy())
 
     # --- text --------------------------------------------------------------------------------

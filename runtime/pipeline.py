@@ -52,7 +52,8 @@ SUPPORTED_FAMILIES = ("llama-omni",)
 # Families with their own pipeline class (a subclass sharing this one's stages and drivers),
 # imported only when such a bundle is loaded.
 FAMILY_PIPELINES = {"llama-omni2": "omnilite.runtime.omni2.pipeline:Omni2Pipeline",
-                    "step-audio2": "omnilite.runtime.step_audio2.pipeline:StepAudio2Pipeline"}
+                    "step-audio2": "omnilite.runtime.step_audio2.pipeline:StepAudio2Pipeline",
+                    "fun-audio-chat": "omnilite.runtime.fun_audio_chat.pipeline:FunAudioChatPipeline"}
 MODES = ("overlapped", "sequential")
 STAGES = ("resample", "mel", "encoder", "llm_prefill", "llm_decode", "speech_generator", "vocoder")
 # What separates the previous assistant reply from the next user turn's speech in the llama_3

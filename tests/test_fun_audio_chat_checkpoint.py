@@ -319,15 +319,17 @@ def test_speech_head_cache_matches_recompute(fac_model):
     assert state.cache.get_seq_length() == 5 * (6 + 1 + 1)  # the prompt's sub-positions stay in the cache
 
 
-def test_cli_makes_a_tiny_checkpoint_and_refuses_to_export_it_in_one_sentence(tmp_path, capsys):
+def test_cli_makes_a_tiny_checkpoint_and_refuses_to_export_it_without_the_voice_file(tmp_path, capsys):
     from omnilite.cli import main
 
     assert main(["make-tiny", "fun-audio-chat", str(tmp_path / "ckpt"), "-q"]) == 0
     assert (tmp_path / "ckpt" / "Fun-Audio-Chat-8B" / "model.safetensors").is_file()
     assert {p.name for p in (tmp_path / "ckpt" / "Fun-CosyVoice3-0.5B-2512").iterdir()} == {"cosyvoice3.yaml", "flow.pt", "hift.pt"}
+    (tmp_path / "ckpt" / "utils" / "new_spk2info.pt").unlink()  # the export itself is tested in test_fun_audio_chat_pipeline.py
     capsys.readouterr()
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "bundle")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {tmp_path / 'ckpt' / 'Fun-Audio-Chat-8B'} is a Fun-Audio-Chat checkpoint, which this omnilite "
-                   "can load and make tiny copies of but not export yet; export LLaMA-Omni or LLaMA-Omni2."]
+    assert err == [f"error: neither {tmp_path / 'ckpt' / 'utils' / 'new_spk2info.pt'} nor {tmp_path / 'utils' / 'new_spk2info.pt'} "
+                   f"exists; copy utils/new_spk2info.pt from the Fun-Audio-Chat GitHub repository to "
+                   f"{tmp_path / 'ckpt' / 'utils' / 'new_spk2info.pt'}."]
     assert not (tmp_path / "bundle").exists()

@@ -20,9 +20,10 @@ from omnilite.export.fun_audio_chat.checkpoint import open_cosyvoice3, vocoder_c
 from omnilite.export.fun_audio_chat.config import SHAPES, VOCODER_DIR
 from omnilite.export.fun_audio_chat.tiny import make_tiny_fun_audio_chat, vocoder_shape_configs
 from omnilite.export.fun_audio_chat.vocoder_reference import CausalHiFT, CausalMaskedDiffWithDiT, token2wav, token2wav_stream
-from omnilite.export.fun_audio_chat.vocoder_stage import OnnxVocoder, export_vocoder, parity_tokens
+from omnilite.export.fun_audio_chat.vocoder_stage import export_vocoder, parity_tokens
 from omnilite.export.omni2.cosy_yaml import load_cosyvoice_yaml
 from omnilite.runtime.errors import CheckpointError, OmniliteError
+from omnilite.runtime.fun_audio_chat.vocoder import OnnxVocoder
 from omnilite.runtime.metrics import snr_db
 
 
@@ -312,6 +313,6 @@ def test_bad_stream_settings_are_refused(exported):
 
 def test_driver_imports_without_torch(exported):
     code = ("import sys; sys.modules['torch'] = None; "
-            "from omnilite.export.fun_audio_chat.vocoder_stage import OnnxVocoder; "
+            "from omnilite.runtime.fun_audio_chat.vocoder import OnnxVocoder; "
             f"v = OnnxVocoder({str(exported[0])!r}); a = v.offline(list(range(20))); assert len(a) == 20 * 960")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/tmp")

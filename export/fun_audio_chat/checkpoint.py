@@ -263,7 +263,8 @@ def _find_spk2info(vocoder_dir: Path) -> Path:
     for cand in cands:
         if cand.exists():
             return cand
-    raise CheckpointError(f"{cands[0]} is missing (nor {cands[1]}); copy {SPK2INFO} from the Fun-Audio-Chat GitHub repository there.")
+    raise CheckpointError(f"neither {cands[0]} nor {cands[1]} exists; copy {SPK2INFO} from the Fun-Audio-Chat GitHub "
+                          f"repository to {cands[0]}.")
 
 
 def open_cosyvoice3(root: str | Path) -> CosyVoice3Checkpoint:

@@ -1,4 +1,4 @@
-"""Fun-Audio-Chat stage export (not yet a bundle: no vocoder or manifest).
+"""Fun-Audio-Chat model stages (the bundle, with the vocoder and the manifest, is bundle.py's).
 
 Files written into OUT, atomically (built in ``.OUT.partial`` under OUT's lock, renamed when complete):
 
@@ -59,22 +59,7 @@ def export_fun_audio_chat_stages(checkpoint: str | Path, out_dir: str | Path,
     prompt = AudioPrompt.build(ckpt.model_dir)
     with building_dir(out) as tmp:
         model = ckpt.reference(torch.float32)
-        log.info("export: %s", AUDIO_INPUT_FILE)
-        export_onnx(AudioInputStage(model), (torch.zeros(1, 128, 537), torch.tensor(35)), tmp / AUDIO_INPUT_FILE,
-                    {"mel": {2: "mel_frames"}, "placeholders": {}}, {"audio_embeds": {0: "positions"}})
-        log.info("export: %s", LLM_FILE)
-        write_llm_gguf(ckpt, tmp / LLM_FILE)
-        export_speech_head(model, tmp)
-        report = {}
-        if options.parity:
-            from .parity import audio_input_parity, feedback_parity, llm_parity, s2m_traces, speech_head_parity
-
-            spec = head_spec(ckpt.audio_config)
-            traces = s2m_traces(model, ckpt.model_dir, prompt.system)
-            report = {"audio_input": audio_input_parity(model, tmp / AUDIO_INPUT_FILE),
-                      "llm": llm_parity(model, tmp / LLM_FILE, ckpt.model_dir, prompt),
-                      "speech_head": speech_head_parity(model, tmp, spec, traces),
-                      "speech_feedback": feedback_parity(model, tmp, spec, traces)}
+        report = write_model_stages(ckpt, model, prompt, tmp, options.parity)
         (tmp / STAGES_FILE).write_text(json.dumps(_stages_record(ckpt, prompt, tmp, report), indent=2))
         failed = [k for k, v in report.items() if not v["ok"]]
         if failed and options.strict_parity:
@@ -83,6 +68,27 @@ def export_fun_audio_chat_stages(checkpoint: str | Path, out_dir: str | Path,
         for k in failed:
             log.warning("parity: stage %s misses its threshold: %s", k, _summary(report[k]))
     return out
+
+
+def write_model_stages(ckpt: FunAudioChatCheckpoint, model, prompt: AudioPrompt, tmp: Path, parity: bool = True) -> dict:
+    """Write the audio input ONNX, the LLM GGUF and the speech head / feedback files into `tmp`;
+    returns their parity report (empty without `parity`)."""
+    log.info("export: %s", AUDIO_INPUT_FILE)
+    export_onnx(AudioInputStage(model), (torch.zeros(1, 128, 537), torch.tensor(35)), tmp / AUDIO_INPUT_FILE,
+                {"mel": {2: "mel_frames"}, "placeholders": {}}, {"audio_embeds": {0: "positions"}})
+    log.info("export: %s", LLM_FILE)
+    write_llm_gguf(ckpt, tmp / LLM_FILE)
+    export_speech_head(model, tmp)
+    if not parity:
+        return {}
+    from .parity import audio_input_parity, feedback_parity, llm_parity, s2m_traces, speech_head_parity
+
+    spec = head_spec(ckpt.audio_config)
+    traces = s2m_traces(model, ckpt.model_dir, prompt.system)
+    return {"audio_input": audio_input_parity(model, tmp / AUDIO_INPUT_FILE),
+            "llm": llm_parity(model, tmp / LLM_FILE, ckpt.model_dir, prompt),
+            "speech_head": speech_head_parity(model, tmp, spec, traces),
+            "speech_feedback": feedback_parity(model, tmp, spec, traces)}
 
 
 def write_llm_gguf(ckpt: FunAudioChatCheckpoint, path: Path) -> None:
@@ -108,7 +114,7 @@ def _stages_record(ckpt: FunAudioChatCheckpoint, prompt: AudioPrompt, tmp: Path,
     return {
         "family": FAMILY,
         "created_by": f"omnilite {__version__}",
-        "note": "stages only, not a runnable bundle (vocoder not exported yet)",
+        "note": "model stages only, not a runnable bundle (export_fun_audio_chat in bundle.py writes one)",
         "source": {"model_dir": str(ckpt.model_dir.resolve())},
         "stages": [
             _onnx_stage(tmp, "audio_input", AUDIO_INPUT_FILE),

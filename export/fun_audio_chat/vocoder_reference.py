@@ -19,7 +19,7 @@ weight-norm pairs are folded. The maths, re-implemented from the official code:
 * HiFT: causal convs everywhere (left zero padding), except conv_pre (4 frames of right context) and
   the f0 predictor's first conv (3 frames); upsampling = nearest repeat + causal conv. Without
   ``finalize`` the right context is real mel and the last frame's 480 samples are dropped.
-* source: ``SineGen2(causal=True)``; see `vocoder_stage.CausalSource` (torch-free, shared with the runtime path).
+* source: ``SineGen2(causal=True)``; see `runtime/fun_audio_chat/vocoder.CausalSource` (torch-free, the runtime's).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnilite.runtime.fun_audio_chat.vocoder import CausalSource, SourceParams
+
 from ..omni2.flow import PreLookahead, chunk_mask, fixed_noise, sinusoidal_time
 from ..omni2.hift import ISTFTConv, HiFTConfig, STFTConv, Snake, SourceMerge
-from .vocoder_stage import CausalSource, SourceParams
 
 NOISE_FRAMES = 15000
 

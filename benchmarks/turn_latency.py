@@ -115,7 +115,7 @@ def _first_chunk(pipe: Pipeline, short: bool) -> None:
 
 
 def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_new_tokens: int, tts_tokens: int,
-        long_reply: tuple[int, int] | None, checkpoint: Path | None) -> dict:
+        long_reply: tuple[int, int] | None, checkpoint: Path | None, out: Path) -> dict:
     base = base_config(bundle, encoder_mode, max_new_tokens, tts_tokens)
     host = detect_host()
     settings = {"baseline": (False, False), "speculative": (True, False), "first-chunk": (False, True),
@@ -146,6 +146,7 @@ def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_ne
     if long_reply:
         report["long_reply"] = {"max_new_tokens": long_reply[0], "tts_tokens": long_reply[1], "runs": longs}
     if checkpoint is not None:
+        write_report(out.with_name(out.name + "-omnilite-only"), report, markdown(report))  # kept if the baseline dies
         report["torch"] = torch_rows(checkpoint, questions_audio(DATA / "question.wav"), rw, max_new_tokens, tts_tokens,
                                      rounds, host)
     return report
@@ -156,21 +157,35 @@ def questions_audio(wav: Path) -> np.ndarray:
     return prepare_speech(a, r, 16000)
 
 
+def _torch_one(checkpoint: Path, audio: np.ndarray, rw: tuple[int, int], tokens: int, tts_tail: int, runs: int,
+               threads: int, precision: str) -> dict:
+    """One precision of the baseline, in a process of its own (see torch_rows)."""
+    from tqdm import tqdm
+
+    from .omni2_bench import torch_baseline
+
+    with tqdm(total=runs + 1, desc=f"torch {precision}", unit="turn") as bar:
+        return torch_baseline(checkpoint, audio, rw, tokens, tts_tail, runs, threads, bar, (precision,))[precision]
+
+
 def torch_rows(checkpoint: Path, audio: np.ndarray, rw: tuple[int, int] | None, tokens: int, tts_tail: int,
                runs: int, host) -> dict:
     """The PyTorch reference to its first audio sample on the short question, in the precisions the
-    baseline plan picks for this host (LLaMA-Omni2 checkpoints)."""
+    baseline plan picks for this host (LLaMA-Omni2 checkpoints). Each precision runs in a fresh process,
+    one after the other: a real-shape reference in fp32 and bf16 at once, beside this process's
+    pipeline memory, outgrew a 24 GiB host (killed for memory), so the precisions are not interleaved."""
     if rw is None:
         raise SystemExit("--checkpoint: the in-run PyTorch baseline is implemented for LLaMA-Omni2 bundles; for "
                          "LLaMA-Omni use `omnilite bench --baseline torch`.")
-    from tqdm import tqdm
+    import multiprocessing
 
     from .baseline import baseline_result, plan_baseline, torch_bf16_view
-    from .omni2_bench import torch_baseline
 
     plan = plan_baseline(host, torch_bf16_view())
-    with tqdm(total=(runs + 1) * len(plan.precisions), desc="torch", unit="turn") as bar:
-        rows = torch_baseline(checkpoint, audio, rw, tokens, tts_tail, runs, host.physical_cores, bar, plan.precisions)
+    rows = {}
+    for p in plan.precisions:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            rows[p] = pool.apply(_torch_one, (checkpoint, audio, rw, tokens, tts_tail, runs, host.physical_cores, p))
     return baseline_result(rows, plan, {p: r["ttfa"]["p50"] for p, r in rows.items()})
 
 
@@ -249,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="result stem (default benchmarks/results/turn_latency-BUNDLE)")
     args = ap.parse_args(argv)
     long_reply = tuple(int(v) for v in args.long_reply.split(",")) if args.long_reply else None
-    report = run(args.bundle, args.rounds, args.pace, args.encoder_mode, args.max_new_tokens, args.tts_tokens,
-                 long_reply, args.checkpoint)
     out = args.out or Path(__file__).parent / "results" / f"turn_latency-{args.bundle.name}"
+    report = run(args.bundle, args.rounds, args.pace, args.encoder_mode, args.max_new_tokens, args.tts_tokens,
+                 long_reply, args.checkpoint, out)
     write_report(out, report, markdown(report))
     return 0
 

@@ -89,10 +89,17 @@ def node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> fl
     if op in _MATMUL:
         return 2.0 * _prod(outputs[0]) * int(inputs[0][-1])
     if op in _CONV:
-        weight = inputs[3] if op == "QLinearConv" else inputs[1]
-        return 2.0 * _prod(outputs[0]) * _prod(weight[1:])
+        w_at = 3 if op == "QLinearConv" else 1
+        if len(inputs) > w_at:
+            return 2.0 * _prod(outputs[0]) * _prod(inputs[w_at][1:])
+        # ONNX Runtime pre-packed the weight, so the profile omits its shape: a pointwise lower bound.
+        return 2.0 * _prod(outputs[0]) * int(inputs[0][1])
     if op == "ConvTranspose":  # every input element scatters into (C_out / groups) x kernel outputs
-        return 2.0 * _prod(inputs[0]) * _prod(inputs[1][1:])
+        if len(inputs) > 1:
+            return 2.0 * _prod(inputs[0]) * _prod(inputs[1][1:])
+        # Weight pre-packed (shape not in the profile): each output gathers C_in x kernel/stride inputs,
+        # and HiFi-GAN-style upsamplers (the only ConvTranspose users here) have kernel = 2 x stride.
+        return 2.0 * _prod(outputs[0]) * int(inputs[0][1]) * 2
     return 0.0
 
 

@@ -26,6 +26,10 @@ def test_node_flops_of_matmul_conv_and_transposed_conv():
     # ConvTranspose1d: 16 -> 8 channels, kernel 4, stride 2, 50 input steps: each input scatters 8 x 4.
     assert node_flops("ConvTranspose", [[1, 16, 50], [16, 8, 4]], [[1, 8, 100]]) == 2 * 16 * 50 * 8 * 4
     assert node_flops("Add", [[1, 8], [1, 8]], [[1, 8]]) == 0
+    # ONNX Runtime pre-packs some weights and then leaves their shapes out of the profile (LLaMA-Omni2's
+    # HiFT ConvTranspose): the cost comes from the input channels and the output (kernel = 2 x stride).
+    assert node_flops("ConvTranspose", [[1, 16, 50]], [[1, 8, 100]]) == 2 * 8 * 100 * 16 * 2 == 2 * 16 * 50 * 8 * 4
+    assert node_flops("Conv", [[1, 8, 102]], [[1, 16, 100]]) == 2 * 16 * 100 * 8
 
 
 def test_llm_work_counts_body_head_and_kv():
@@ -96,3 +100,14 @@ def test_bench_estimate_reports_profiles_and_its_error_here(bundle, tmp_path):
     assert check["ttfa_error"] == pytest.approx(check["ttfa_ms"] / check["measured_ttfa_ms"] - 1)
     assert check["figures"]["fp32_gflops"] > 0 and check["figures"]["bandwidth_gbps"] > 0
     assert "Estimates (roofline over the measured work; not measurements)" in (out / "bench.md").read_text()
+
+
+def test_llama_omni2_work_counts_the_flow_and_hift(omni2_bundle, question_16k):
+    """LLaMA-Omni2's HiFT has transposed convolutions whose weights ONNX Runtime pre-packs (their
+    shapes are missing from the profile); the vocoder's work must still be counted, not crash."""
+    from omnilite.runtime.omni2.pipeline import Omni2PipelineConfig
+
+    work, done = measure_work(omni2_bundle, Omni2PipelineConfig(max_new_tokens=6, ignore_eos=True, max_tts_tokens=30),
+                              question_16k, 16000)
+    assert len(done.audio) > 0
+    assert work["vocoder"].flops_fp32 > 0 and work["vocoder"].nodes > 0 and work["speech_generator"].calls > 0

@@ -52,6 +52,7 @@ class BenchConfig:
     runs: int = 5
     warmup: int = 1
     max_new_tokens: int = 64
+    max_tts_tokens: int | None = None  # LLaMA-Omni2: speech tokens after the text (None: the bundle's cap, 1024)
     profile: str | None = None
     baseline: str | None = None  # "torch"
     encoder_mode: str = "exact"
@@ -107,7 +108,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         if bundle.family == "llama-omni2":
             from omnilite.runtime.omni2.pipeline import as_omni2_config
 
-            c = replace(as_omni2_config(c), write=write)
+            c = replace(as_omni2_config(c), write=write, max_tts_tokens=cfg.max_tts_tokens)
         return c
 
     if cfg.baseline not in (None, "torch"):

@@ -351,9 +351,10 @@ class Pipeline:
 
     # --- stages (the same code in both modes) ----------------------------------------------------
 
-    def _llm_items(self, reply: "Reply") -> Iterator[tuple[int, object]]:
-        """Frontend + LLM: yields (_TEXT, TextDelta) and (_HIDDEN, (hidden chunk, final))."""
-        clock, state, token = reply.clock, reply.state, reply.token
+    def _turn_embeddings(self, reply: "Reply") -> np.ndarray | list[np.ndarray]:
+        """The reply's turn (the whole question taken into one when none was fed; `reply.turn` after
+        this) through the front end: its speech embeddings, as the encoder returns them."""
+        clock, token = reply.clock, reply.token
         turn = reply.turn
         if turn is None:  # the whole question at once
             with clock.stage("resample"):
@@ -368,6 +369,13 @@ class Pipeline:
         with clock.stage("encoder"):
             embeds = turn.embeddings(mel)
         token.check()
+        return embeds
+
+    def _llm_items(self, reply: "Reply") -> Iterator[tuple[int, object]]:
+        """Frontend + LLM: yields (_TEXT, TextDelta) and (_HIDDEN, (hidden chunk, final))."""
+        clock, state, token = reply.clock, reply.state, reply.token
+        embeds = self._turn_embeddings(reply)
+        turn = reply.turn
         try:
             self._phase(reply, "llm")
             with clock.stage("llm_prefill"):

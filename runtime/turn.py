@@ -26,7 +26,7 @@ the turn keeps taking audio.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -37,6 +37,39 @@ if TYPE_CHECKING:
     from .pipeline import Conversation, Pipeline
 
 log = logging.getLogger(__name__)
+
+
+class WholeClipEncoder(Protocol):
+    """A front end that reads the whole turn at once: its log-mel (or the pieces' log-mels) -> its rows."""
+
+    def mel(self, audio_16k: np.ndarray) -> Any: ...
+
+    def embed(self, mel: Any) -> Any: ...
+
+
+class WholeTurnStream:
+    """What `TurnInput` drives for a `WholeClipEncoder`: audio is kept as it arrives and encoded at the
+    end of the turn (each family's encoder says why nothing of it can run earlier)."""
+
+    final = None  # nothing can be prefilled before the end of speech
+
+    def __init__(self, encoder: WholeClipEncoder):
+        self.encoder = encoder
+        self._audio: list[np.ndarray] = []
+
+    @property
+    def samples(self) -> int:
+        return sum(a.size for a in self._audio)
+
+    def push(self, audio_16k: np.ndarray) -> int:
+        self._audio.append(np.asarray(audio_16k, np.float32).reshape(-1))
+        return 0
+
+    def pending(self) -> Any:
+        return self.encoder.mel(np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32))
+
+    def finish(self, pending: Any = None) -> Any:
+        return self.encoder.embed(self.pending() if pending is None else pending)
 
 
 class TurnInput:

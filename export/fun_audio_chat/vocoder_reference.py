@@ -36,7 +36,7 @@ from torch import nn
 from omnilite.runtime.fun_audio_chat.vocoder import CausalSource, SourceParams
 
 from ..omni2.flow import PreLookahead, chunk_mask, fixed_noise, sinusoidal_time
-from ..omni2.hift import ISTFTConv, HiFTConfig, STFTConv, Snake, SourceMerge
+from ..omni2.hift import HiFTConfig, HiFTDecode, HiFTF0, ResBlock, SourceMerge
 
 NOISE_FRAMES = 15000
 
@@ -330,18 +330,11 @@ class _DownConv(nn.Conv1d):
         return super().forward(F.pad(x, (self.stride[0] - 1, 0)))
 
 
-class CausalResBlock(nn.Module):
-    def __init__(self, ch: int, k: int, dilations: tuple[int, ...]):
-        super().__init__()
-        self.convs1 = nn.ModuleList(_Conv(ch, ch, k, d) for d in dilations)
-        self.convs2 = nn.ModuleList(_Conv(ch, ch, k) for _ in dilations)
-        self.activations1 = nn.ModuleList(Snake(ch) for _ in dilations)
-        self.activations2 = nn.ModuleList(Snake(ch) for _ in dilations)
+class CausalResBlock(ResBlock):
+    """The HiFT resblock with causal convs."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = x + c2(a2(c1(a1(x))))
-        return x
+    def __init__(self, ch: int, k: int, dilations: tuple[int, ...]):
+        super().__init__(ch, k, dilations, conv=lambda ch, k, d: _Conv(ch, ch, k, d))
 
 
 class CausalF0Predictor(nn.Module):
@@ -364,7 +357,7 @@ class CausalF0Predictor(nn.Module):
         return torch.abs(self.classifier(x.transpose(1, 2)).squeeze(-1))
 
 
-class CausalHiFT(nn.Module):
+class CausalHiFT(HiFTDecode):
     """``CausalHiFTGenerator``. ``forward(mel, source)`` is the exported decode (whole-utterance
     semantics, STFTs as convolutions); ``decode`` is the official one (torch.stft / torch.istft, and
     the non-``finalize`` trimming)."""
@@ -390,10 +383,7 @@ class CausalHiFT(nn.Module):
                 self.resblocks.append(CausalResBlock(ch, k, d))
         self.conv_post = _Conv(ch, c.n_fft + 2, 7)
         self.f0_predictor = CausalF0Predictor(c.in_channels, c.f0_cond_channels, c.f0_look_right)
-        self.stft = STFTConv(c.n_fft, c.hop_len)
-        self.istft = ISTFTConv(c.n_fft, c.hop_len)
-        n = torch.arange(c.n_fft, dtype=torch.float64)
-        self.register_buffer("window", (0.5 - 0.5 * torch.cos(2 * math.pi * n / c.n_fft)).float(), persistent=False)
+        self._add_stfts()
 
     @property
     def frames_per_mel(self) -> int:
@@ -404,47 +394,17 @@ class CausalHiFT(nn.Module):
         lin = self.m_source.l_linear
         return CausalSource(self.c.source_params(), lin.weight.detach().numpy(), float(lin.bias.detach()))
 
-    def _body(self, mel: torch.Tensor, s_stft: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.c
-        x = self.conv_pre(mel, context)
-        nk = len(c.resblock_kernel_sizes)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, c.lrelu_slope))
-            if i == len(self.ups) - 1:
-                x = F.pad(x, (1, 0), mode="reflect")
-            x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
-            xs = self.resblocks[i * nk](x)
-            for j in range(1, nk):
-                xs = xs + self.resblocks[i * nk + j](x)
-            x = xs / nk
-        return self.conv_post(F.leaky_relu(x))  # default slope 0.01, as official
-
-    def forward(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """mel (1, 80, T), source (1, T*480) -> audio (1, T*480), whole-utterance (finalize) semantics."""
-        x = self._body(mel, self.stft(source))
-        nf = self.c.n_fft // 2 + 1
-        magnitude = torch.clamp(torch.exp(x[:, :nf]), max=1e2)
-        phase = torch.sin(x[:, nf:])
-        audio = self.istft(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        return torch.clamp(audio, -self.c.audio_limit, self.c.audio_limit)
-
     def decode(self, mel: torch.Tensor, source: torch.Tensor, finalize: bool = True) -> torch.Tensor:
         """The official decode: torch.stft / torch.istft; without `finalize` the last
         conv_pre_look_right frames are context and the last frame's samples are dropped."""
         c = self.c
-        spec = torch.view_as_real(torch.stft(source, c.n_fft, c.hop_len, c.n_fft, window=self.window, return_complex=True))
-        s_stft = torch.cat([spec[..., 0], spec[..., 1]], dim=1)
+        s_stft = self._stft_reference(source)
         context = None
         if not finalize:
             la = c.conv_pre_look_right
             mel, context = mel[:, :, :-la], mel[:, :, -la:]
             s_stft = s_stft[:, :, : -self.frames_per_mel * la]
-        x = self._body(mel, s_stft, context)
-        nf = c.n_fft // 2 + 1
-        magnitude = torch.clip(torch.exp(x[:, :nf]), max=1e2)
-        phase = torch.sin(x[:, nf:])
-        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        audio = torch.istft(spec, c.n_fft, c.hop_len, c.n_fft, window=self.window)
+        audio = self._istft_reference(self._body(mel, s_stft, context))
         if not finalize:
             audio = audio[:, : -c.hop]
         return torch.clamp(audio, -c.audio_limit, c.audio_limit)
@@ -533,12 +493,5 @@ class EstimatorStage(nn.Module):
         return self.estimator(x, mask, mu, t, spks, cond, chunk_frames)
 
 
-class F0Stage(nn.Module):
+class F0Stage(HiFTF0):
     """mel (1, 80, T) -> f0 (1, T), zeros past the last frame (``finalize``)."""
-
-    def __init__(self, hift: CausalHiFT):
-        super().__init__()
-        self.f0_predictor = hift.f0_predictor
-
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.f0_predictor(mel)

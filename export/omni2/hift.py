@@ -19,6 +19,7 @@ export parity measures the difference.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,11 +69,20 @@ class Snake(nn.Module):
         return x + (1.0 / (a + 1e-9)) * torch.sin(x * a) ** 2
 
 
+def _centred_conv(ch: int, k: int, dilation: int) -> nn.Conv1d:
+    """A length-keeping conv with its padding split evenly on both sides (HiFTGenerator's resblocks)."""
+    return nn.Conv1d(ch, ch, k, dilation=dilation, padding=(k * dilation - dilation) // 2)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, ch: int, k: int, dilations: tuple[int, ...]):
+    """Snake -> dilated conv -> Snake -> conv, residual, once per dilation. `conv(ch, k, dilation)`
+    makes each conv (CosyVoice3's causal HiFT passes its left-padded one)."""
+
+    def __init__(self, ch: int, k: int, dilations: tuple[int, ...],
+                 conv: Callable[[int, int, int], nn.Module] = _centred_conv):
         super().__init__()
-        self.convs1 = nn.ModuleList(nn.Conv1d(ch, ch, k, dilation=d, padding=(k * d - d) // 2) for d in dilations)
-        self.convs2 = nn.ModuleList(nn.Conv1d(ch, ch, k, padding=(k - 1) // 2) for _ in dilations)
+        self.convs1 = nn.ModuleList(conv(ch, k, d) for d in dilations)
+        self.convs2 = nn.ModuleList(conv(ch, k, 1) for _ in dilations)
         self.activations1 = nn.ModuleList(Snake(ch) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(ch) for _ in dilations)
 
@@ -153,7 +163,64 @@ class ISTFTConv(nn.Module):
         return y / env
 
 
-class HiFT(nn.Module):
+class HiFTDecode(nn.Module):
+    """The decode HiFT generators share (CosyVoice2's here, CosyVoice3's causal one in
+    export/fun_audio_chat): conv_pre, each upsampling stage plus the source's STFT through its down
+    conv and resblock, the resblocks' mean, conv_post, then magnitude and phase -> iSTFT. A subclass
+    builds `c`, `conv_pre`, `ups`, `source_downs`, `source_resblocks`, `resblocks`, `conv_post` its
+    own way (padding, causality) and calls `_add_stfts`."""
+
+    c: HiFTConfig
+
+    def _add_stfts(self) -> None:
+        c = self.c
+        self.stft = STFTConv(c.n_fft, c.hop_len)
+        self.istft = ISTFTConv(c.n_fft, c.hop_len)
+        n = torch.arange(c.n_fft, dtype=torch.float64)
+        self.register_buffer("window", (0.5 - 0.5 * torch.cos(2 * math.pi * n / c.n_fft)).float(), persistent=False)
+
+    def _body(self, mel: torch.Tensor, s_stft: torch.Tensor, *pre: torch.Tensor | None) -> torch.Tensor:
+        """`pre`: conv_pre's further inputs (the causal HiFT's right context)."""
+        c = self.c
+        x = self.conv_pre(mel, *pre)
+        nk = len(c.resblock_kernel_sizes)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, c.lrelu_slope))
+            if i == len(self.ups) - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+            x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
+            xs = self.resblocks[i * nk](x)
+            for j in range(1, nk):
+                xs = xs + self.resblocks[i * nk + j](x)
+            x = xs / nk
+        return self.conv_post(F.leaky_relu(x))  # default slope 0.01, as official
+
+    def forward(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """mel (1, 80, T), source (1, T*hop) -> audio (1, T*hop)."""
+        x = self._body(mel, self.stft(source))
+        nf = self.c.n_fft // 2 + 1
+        magnitude = torch.clamp(torch.exp(x[:, :nf]), max=1e2)
+        phase = torch.sin(x[:, nf:])
+        audio = self.istft(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        return torch.clamp(audio, -self.c.audio_limit, self.c.audio_limit)
+
+    def _stft_reference(self, source: torch.Tensor) -> torch.Tensor:
+        """The source's STFT by torch.stft, as the official code computes it: real parts then imaginary."""
+        c = self.c
+        spec = torch.view_as_real(torch.stft(source, c.n_fft, c.hop_len, c.n_fft, window=self.window, return_complex=True))
+        return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
+
+    def _istft_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_post's output -> audio (not yet clamped) by torch.istft, as the official code computes it."""
+        c = self.c
+        nf = c.n_fft // 2 + 1
+        magnitude = torch.clip(torch.exp(x[:, :nf]), max=1e2)
+        phase = torch.sin(x[:, nf:])
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        return torch.istft(spec, c.n_fft, c.hop_len, c.n_fft, window=self.window)
+
+
+class HiFT(HiFTDecode):
     """``HiFTGenerator``. ``forward(mel, source)`` is the exported decode (graph-friendly STFTs);
     ``f0_predictor`` is exported on its own; the source is made in between by `SourceGenerator`."""
 
@@ -182,10 +249,7 @@ class HiFT(nn.Module):
                 self.resblocks.append(ResBlock(ch, k, d))
         self.conv_post = nn.Conv1d(ch, c.n_fft + 2, 7, padding=3)
         self.f0_predictor = F0Predictor(c.in_channels, c.f0_cond_channels)
-        self.stft = STFTConv(c.n_fft, c.hop_len)
-        self.istft = ISTFTConv(c.n_fft, c.hop_len)
-        n = torch.arange(c.n_fft, dtype=torch.float64)
-        self.register_buffer("window", (0.5 - 0.5 * torch.cos(2 * math.pi * n / c.n_fft)).float(), persistent=False)
+        self._add_stfts()
 
     def source_generator(self) -> SourceGenerator:
         """The runtime's deterministic source (one implementation for reference and runtime)."""
@@ -194,41 +258,10 @@ class HiFT(nn.Module):
         lin = self.m_source.l_linear
         return SourceGenerator(cfg, lin.weight.detach().numpy(), float(lin.bias.detach()), SOURCE_NOISE_SEED)
 
-    def _body(self, mel: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
-        c = self.c
-        x = self.conv_pre(mel)
-        nk = len(c.resblock_kernel_sizes)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, c.lrelu_slope))
-            if i == len(self.ups) - 1:
-                x = F.pad(x, (1, 0), mode="reflect")
-            x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
-            xs = self.resblocks[i * nk](x)
-            for j in range(1, nk):
-                xs = xs + self.resblocks[i * nk + j](x)
-            x = xs / nk
-        return self.conv_post(F.leaky_relu(x))  # default slope 0.01, as official
-
-    def forward(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """mel (1, 80, T), source (1, T*hop) -> audio (1, T*hop)."""
-        x = self._body(mel, self.stft(source))
-        nf = self.c.n_fft // 2 + 1
-        magnitude = torch.clamp(torch.exp(x[:, :nf]), max=1e2)
-        phase = torch.sin(x[:, nf:])
-        audio = self.istft(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        return torch.clamp(audio, -self.c.audio_limit, self.c.audio_limit)
-
     def decode_reference(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """The same decode with torch.stft / torch.istft, as the official code computes it."""
-        c = self.c
-        spec = torch.view_as_real(torch.stft(source, c.n_fft, c.hop_len, c.n_fft, window=self.window, return_complex=True))
-        x = self._body(mel, torch.cat([spec[..., 0], spec[..., 1]], dim=1))
-        nf = c.n_fft // 2 + 1
-        magnitude = torch.clip(torch.exp(x[:, :nf]), max=1e2)
-        phase = torch.sin(x[:, nf:])
-        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        audio = torch.istft(spec, c.n_fft, c.hop_len, c.n_fft, window=self.window)
-        return torch.clamp(audio, -c.audio_limit, c.audio_limit)
+        audio = self._istft_reference(self._body(mel, self._stft_reference(source)))
+        return torch.clamp(audio, -self.c.audio_limit, self.c.audio_limit)
 
     @torch.no_grad()
     def inference(self, mel: torch.Tensor, reference: bool = True) -> tuple[torch.Tensor, np.ndarray]:
@@ -242,7 +275,7 @@ class HiFT(nn.Module):
 class HiFTF0(nn.Module):
     """Exported f0 stage: mel (1, 80, T) -> f0 (1, T)."""
 
-    def __init__(self, hift: HiFT):
+    def __init__(self, hift: HiFTDecode):
         super().__init__()
         self.f0_predictor = hift.f0_predictor
 

@@ -44,7 +44,7 @@ from ..llm import LLMConfig, stage_llm_config
 from ..mel import HOP, LogMel
 from ..onnx_session import SessionOptions, open_session
 from ..pipeline import _HIDDEN, _TEXT, Conversation, Pipeline, PipelineConfig, _ReplyState
-from ..turn import TurnInput
+from ..turn import TurnInput, WholeTurnStream
 from .speech_head import HeadSpec, SpeechFeedback, SpeechHead
 from .vocoder import OnnxVocoder, Schedule, VocoderStream
 
@@ -113,34 +113,10 @@ class FunAudioChatEncoder:
                  "placeholders": np.asarray(placeholder_count(clip.samples), np.int64)}
         return self.session.run(None, feeds)[0]
 
-    def stream(self, mode: str | None = None) -> "_EncoderStream":
+    def stream(self, mode: str | None = None) -> WholeTurnStream:
         self.resolve(mode)
-        return _EncoderStream(self)
-
-
-class _EncoderStream:
-    """What `TurnInput` drives: audio is kept as it arrives and encoded at the end of the turn (the
-    log-mel's scale depends on the whole clip's maximum)."""
-
-    final = None  # nothing can be prefilled before the end of speech
-
-    def __init__(self, encoder: FunAudioChatEncoder):
-        self.encoder = encoder
-        self._audio: list[np.ndarray] = []
-
-    @property
-    def samples(self) -> int:
-        return sum(a.size for a in self._audio)
-
-    def push(self, audio_16k: np.ndarray) -> int:
-        self._audio.append(np.asarray(audio_16k, np.float32).reshape(-1))
-        return 0
-
-    def pending(self) -> ClipMel:
-        return self.encoder.mel(np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32))
-
-    def finish(self, pending: ClipMel | None = None) -> np.ndarray:
-        return self.encoder.embed(self.pending() if pending is None else pending)
+        # Whole turn: the log-mel's scale depends on the whole clip's maximum.
+        return WholeTurnStream(self)
 
 
 class _Codes:
@@ -281,23 +257,9 @@ class FunAudioChatPipeline(Pipeline):
 
     def _llm_items(self, reply) -> Iterator[tuple[int, object]]:
         """Front end + LLM + speech head: yields (_TEXT, TextDelta) and (_HIDDEN, (codes, final))."""
-        clock, state, token = reply.clock, reply.state, reply.token
+        clock, state = reply.clock, reply.state
+        embeds = self._turn_embeddings(reply)
         turn = reply.turn
-        if turn is None:  # the whole question at once
-            from ..audio import prepare_speech
-
-            with clock.stage("resample"):
-                speech = prepare_speech(*reply.audio, SAMPLE_RATE)
-            turn = reply.turn = TurnInput(self, reply.conversation, ingest=False)
-            turn.feed(speech)
-        else:
-            turn.check()
-        token.check()
-        with clock.stage("mel"):
-            mel = turn.pending()
-        with clock.stage("encoder"):
-            embeds = turn.embeddings(mel)
-        token.check()
         try:
             self._phase(reply, "llm")
             with clock.stage("llm_prefill"):

@@ -33,7 +33,7 @@ from ..errors import BundleError, OmniliteError
 from ..mel import HOP, LogMel
 from ..onnx_session import SessionOptions, open_session
 from ..pipeline import Conversation, Pipeline, PipelineConfig, _ReplyState
-from ..turn import TurnInput
+from ..turn import TurnInput, WholeTurnStream
 from .vocoder import Token2Wav, Token2WavStream, VoicePrompt
 
 log = logging.getLogger(__name__)
@@ -99,34 +99,10 @@ class StepAudio2Encoder:
             out.append(self.session.run(None, {"mel": x, "mel_len": np.array([m.shape[1] - 2], np.int64)})[0])
         return out
 
-    def stream(self, mode: str | None = None) -> "_EncoderStream":
+    def stream(self, mode: str | None = None) -> WholeTurnStream:
         self.resolve(mode)
-        return _EncoderStream(self)
-
-
-class _EncoderStream:
-    """What `TurnInput` drives: audio is kept as it arrives and encoded at the end of the turn (every
-    piece's rows attend over the whole piece, and the batch padding depends on the longest piece)."""
-
-    final = None  # nothing can be prefilled before the end of speech
-
-    def __init__(self, encoder: StepAudio2Encoder):
-        self.encoder = encoder
-        self._audio: list[np.ndarray] = []
-
-    @property
-    def samples(self) -> int:
-        return sum(a.size for a in self._audio)
-
-    def push(self, audio_16k: np.ndarray) -> int:
-        self._audio.append(np.asarray(audio_16k, np.float32).reshape(-1))
-        return 0
-
-    def pending(self) -> PieceMels:
-        return self.encoder.mel(np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32))
-
-    def finish(self, pending: PieceMels | None = None) -> list[np.ndarray]:
-        return self.encoder.embed(self.pending() if pending is None else pending)
+        # Whole turn: every piece's rows attend over the whole piece, and the batch padding depends on the longest piece.
+        return WholeTurnStream(self)
 
 
 class _AudioIds:

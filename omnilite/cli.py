@@ -252,11 +252,13 @@ def _export_step_audio2(args) -> int:
     from omnilite.export.step_audio2.export import StepAudio2ExportOptions, export_step_audio2
     from omnilite.runtime.errors import OmniliteError
 
-    if args.preset != "fp32" or any(_quant_overrides(args).values()) or args.encoder_mode or args.llm_dtype != "f32":
-        raise OmniliteError("Step-Audio 2 bundles are exported in fp32 with the official front end only; drop --preset, "
-                            "--llm-dtype, the per-stage precisions and --encoder-mode.")
-    options = StepAudio2ExportOptions(parity=not args.no_parity, strict_parity=not args.no_strict, overwrite=args.force,
-                                      progress=not args.quiet)
+    if args.encoder_mode:
+        raise OmniliteError("Step-Audio 2 bundles have the official front end only (25 s pieces); drop --encoder-mode.")
+    options = StepAudio2ExportOptions(llm_dtype=args.llm_dtype, parity=not args.no_parity, strict_parity=not args.no_strict,
+                                      overwrite=args.force, progress=not args.quiet)
+    if args.preset != "fp32" or any(_quant_overrides(args).values()):
+        return _export_quantized(args, "step-audio2", lambda path, overwrite: export_step_audio2(
+            args.checkpoint, path, dataclasses.replace(options, overwrite=overwrite), args.speaker_wav))
     out = export_step_audio2(args.checkpoint, args.out, options, args.speaker_wav)
     _print_parity(json.loads((out / "omnilite.json").read_text()).get("parity", {}))
     print(f"wrote bundle {out}")
@@ -637,7 +639,8 @@ def cmd_bench(args) -> int:
 
     report = run_bench(BenchConfig(
         bundle=Path(args.bundle), input=Path(args.input) if args.input else DEMO_QUESTION, out_dir=Path(args.out_dir),
-        runs=args.runs, warmup=args.warmup, max_new_tokens=args.max_new_tokens, profile=args.profile,
+        runs=args.runs, warmup=args.warmup, max_new_tokens=args.max_new_tokens, max_tts_tokens=args.max_tts_tokens,
+        profile=args.profile,
         baseline=args.baseline, encoder_mode=args.encoder_mode, estimate=tuple(args.estimate or ()),
     ))
     from omnilite.benchmarks.bench import can_draw_waterfall, markdown
@@ -844,6 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=_whole(0), default=1)
     s.add_argument("-i", "--input", help="question WAV (default: the bundled question)")
     s.add_argument("-n", "--max-new-tokens", type=_whole(1), default=64, help="forced reply length (EOS is ignored)")
+    s.add_argument("--max-tts-tokens", type=_whole(1), default=None,
+                   help="LLaMA-Omni2: speech tokens after the text ends, at most (default: the bundle's cap, 1024; "
+                        "random weights never stop before it)")
     s.add_argument("--encoder-mode", default="exact", help="encoder mode to measure (default exact)")
     s.add_argument("--baseline", choices=("torch",), help="also run the PyTorch reference in the same run")
     s.add_argument("--estimate", action="append", metavar="PROFILE",

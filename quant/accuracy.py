@@ -21,7 +21,8 @@ Per stage (role):
 * vocoder: duration agreement, waveform SNR and log-mel distance of the audio.
 
 The encoder and LLM sections are shared by every family; LLaMA-Omni2's TTS LM, flow and HiFT
-sections are in `accuracy_omni2`.
+sections are in `accuracy_omni2`; Step-Audio 2 (its own 25 s-piece front end, LLM prompt
+and token2wav) is in `accuracy_step_audio2`.
 
 Torch-free: numpy, onnxruntime and llama.cpp only (the runtime's stage classes).
 """
@@ -255,6 +256,11 @@ def _encoder_section(quantized: Bundle, reference: Bundle, speech: np.ndarray, o
     del enc_ref
     same = _same_file(quantized, reference, st)
     emb_q = emb_ref if same else SpeechEncoder(quantized, ort_opts).embed(mel)
+    return encoder_report(quantized, emb_ref, emb_q, same, overrides), emb_ref, emb_q
+
+
+def encoder_report(quantized: Bundle, emb_ref: np.ndarray, emb_q: np.ndarray, same: bool, overrides: dict[str, float]) -> dict:
+    """The encoder stage's report from the two encoders' speech embeddings (positions, dim)."""
     cos = cosine_rows(emb_ref, emb_q)
     metrics = {
         "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
@@ -263,7 +269,8 @@ def _encoder_section(quantized: Bundle, reference: Bundle, speech: np.ndarray, o
         "positions": int(emb_ref.shape[0]),
     }
     log.info("accuracy: encoder %s", metrics)
-    return {"stage": st, **_judge("encoder", quantized.stages[st].precision, metrics, overrides, same)}, emb_ref, emb_q
+    st = _stage_of(quantized, "encoder")
+    return {"stage": st, **_judge("encoder", quantized.stages[st].precision, metrics, overrides, same)}
 
 
 def _llm_section(quantized: Bundle, reference: Bundle, emb_ref: np.ndarray, emb_q: np.ndarray, same_enc: bool,
@@ -322,6 +329,29 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
     audio, rate = read_wav(audio_path)
     speech = prepare_speech(audio, rate, 16000, source=str(audio_path))
     ort_opts = SessionOptions(intra_op_threads=options.threads or 0)
+    if quantized.family == "step-audio2":  # its own front end (25 s pieces) and token2wav
+        from .accuracy_step_audio2 import step_audio2_sections
+
+        stages, end_to_end, input_extra = step_audio2_sections(quantized, reference, speech, ort_opts, options)
+    else:
+        stages, end_to_end, input_extra = _whisper_family_sections(quantized, reference, speech, ort_opts, options)
+    end_to_end["note"] = "whole quantized chain vs whole reference chain; not judged: one changed token changes the rest"
+    failed = [role for role, rep in stages.items() if not rep["ok"]]
+    return {
+        "reference": {"path": str(reference.path), "precisions": {s.name: s.precision for s in reference.stages.values()}},
+        "input": {"audio": audio_path.name, "seconds": round(len(speech) / 16000, 2), "encoder_mode": "exact",
+                  "tokens": int(options.tokens), **input_extra},
+        "stages": stages,
+        "end_to_end": end_to_end,
+        "ok": not failed,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def _whisper_family_sections(quantized: Bundle, reference: Bundle, speech: np.ndarray, ort_opts: SessionOptions,
+                             options: AccuracyOptions) -> tuple[dict, dict, dict]:
+    """LLaMA-Omni and LLaMA-Omni2 (Whisper front end, one embedding block): (stages, end-to-end, input fields)."""
     stages: dict[str, dict] = {}
     stages["encoder"], emb_ref, emb_q = _encoder_section(quantized, reference, speech, ort_opts, options.tolerances)
     stages["llm"], end_to_end, (tok_ref, hidden_ref, tok_e2e, hidden_e2e) = _llm_section(
@@ -335,18 +365,7 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
     speech_stages, audio_e2e, input_extra = speech_sections(quantized, reference, run)
     stages.update(speech_stages)
     end_to_end.update(audio_e2e)
-    end_to_end["note"] = "whole quantized chain vs whole reference chain; not judged: one changed token changes the rest"
-    failed = [role for role, rep in stages.items() if not rep["ok"]]
-    return {
-        "reference": {"path": str(reference.path), "precisions": {s.name: s.precision for s in reference.stages.values()}},
-        "input": {"audio": audio_path.name, "seconds": round(len(speech) / 16000, 2), "encoder_mode": "exact",
-                  "tokens": run.tokens, **input_extra},
-        "stages": stages,
-        "end_to_end": end_to_end,
-        "ok": not failed,
-        "failed": failed,
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
+    return stages, end_to_end, input_extra
 
 
 def audio_comparison(audio_ref: np.ndarray, audio_q: np.ndarray, rate: int) -> dict:

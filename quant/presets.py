@@ -3,7 +3,8 @@
 A bundle's stages are grouped in *roles*; a preset gives one precision per role and the CLI can
 override any role the bundle's family has (`FAMILY_ROLES`). LLaMA-Omni: encoder, llm, decoder (the
 CTC speech decoder), vocoder. LLaMA-Omni2: encoder, llm, tts (the TTS LM, a GGUF like the LLM, with
-its text-embedding table), flow (CosyVoice2 flow matching), vocoder (HiFT). ONNX roles take
+its text-embedding table), flow (CosyVoice2 flow matching), vocoder (HiFT). Step-Audio 2: encoder
+(encoder + adapter), llm, flow (the token2wav DiT flow: encoder + estimator), vocoder (HiFT). ONNX roles take
 `fp32 | fp16 | int8 | int4`, GGUF roles a llama.cpp type name. Stages outside the roles stay as
 exported: see `FIXED_STAGES` for why.
 """
@@ -33,6 +34,10 @@ FAMILY_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
     # TTS LM's own embedding) follows the TTS LM: fp16 whenever the TTS LM is below F32.
     "llama-omni2": {"encoder": ("encoder",), "llm": ("llm",), "tts": ("tts_lm", "tts_text_embed"),
                     "flow": ("flow_encoder", "flow_estimator"), "vocoder": ("hift",)},
+    # Step-Audio 2 mini: the same presets mean the same per role (balanced: encoder int8, LLM Q8_0,
+    # flow int8, HiFT fp32; small: encoder int4, LLM Q4_K_M, flow int8, HiFT fp32).
+    "step-audio2": {"encoder": ("encoder",), "llm": ("llm",), "flow": ("flow_encoder", "flow_estimator"),
+                    "vocoder": ("hift",)},
 }
 # Stages that never change precision, and why (printed in the report).
 FIXED_STAGES: dict[str, str] = {
@@ -40,6 +45,7 @@ FIXED_STAGES: dict[str, str] = {
     "tts_fusion": "kept fp32: two small projections (LLM hidden state + text embedding -> TTS input) read at every TTS step",
     "flow_noise": "kept fp32: the flow's fixed initial noise is data, not weights",
     "hift_f0": "kept fp32: the F0 predictor is small, and an F0 error moves the phase of the sine source in every later sample",
+    "voice_prompt": "kept fp32: the flow's prompt conditioning (speech tokens, mel, x-vector) is data, not weights",
 }
 
 

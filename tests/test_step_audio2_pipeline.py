@@ -202,3 +202,41 @@ def test_bench_with_replies_too_short_for_audio_is_one_sentence(bundle, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: 2 of the benchmark's replies of 8 forced tokens gave no audio (step-audio2: too few speech "
                        "tokens for the first vocoder chunk); raise -n/--max-new-tokens.")
+
+
+def test_end_to_end_audio_equals_the_pytorch_chain(cli_run, long_reply, question):
+    """The whole chain against the PyTorch reference: the official encoder + splice + Qwen2 greedy ids
+    (transformers, f32) for the same forced length, their audio codes through the reference flow's
+    streaming loop and the reference HiFT, with the bundle's voice prompt. The runtime's ids must be the
+    same ids, and its audio the same audio (SNR >= 30 dB)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from omnilite.export.step_audio2.checkpoint import open_step_audio2
+    from omnilite.export.step_audio2.flow_checkpoint import load_flow, load_hift
+    from omnilite.export.step_audio2.llm_stage import reference_greedy, spliced_prompts, tokenizer_json
+    from omnilite.export.step_audio2.reference import load_encoder, load_llm, splice_audio
+
+    done = long_reply[0]
+    ckpt = open_step_audio2(cli_run / "ckpt")
+    [prompt] = spliced_prompts(Tokenizer.from_file(str(tokenizer_json(ckpt))), load_encoder(ckpt), [("q", question)])
+    llm = load_llm(ckpt)
+    ids = torch.tensor(prompt.ids)
+    with torch.no_grad():
+        embeds = splice_audio(ids, llm.get_input_embeddings()(ids), prompt.rows)
+    ref_ids, _ = reference_greedy(llm, embeds, len(done.tokens))
+    assert ref_ids == done.tokens
+    codes = [i - AUDIO_BASE for i in ref_ids if AUDIO_BASE <= i < AUDIO_BASE + N_CODES]
+    assert codes == list(done.units)
+
+    voice = VoicePrompt.load(cli_run / "bundle" / "voice_prompt.npz")
+    flow, hift = load_flow(cli_run / "ckpt" / "token2wav"), load_hift(cli_run / "ckpt" / "token2wav")
+    tokens = torch.tensor([codes])
+    with torch.no_grad():
+        mel = flow.stream(tokens, torch.from_numpy(voice.tokens)[None], torch.from_numpy(voice.mel)[None],
+                          torch.from_numpy(voice.xvector)[None], lookahead=tokens[:, :3])
+        audio, _ = hift.inference(mel)
+    assert audio.shape[-1] == len(done.audio)
+    snr = snr_db(audio[0].numpy(), done.audio)
+    print(f"end to end: {len(ref_ids)} ids identical, {len(codes)} codes, audio SNR {snr:.1f} dB")
+    assert snr >= 30.0

@@ -4,7 +4,8 @@
 
 * ``encoder.onnx``  one 25 s piece's log-mel and valid length -> its LLM rows (encoder + adapter,
                     dynamic length, fp32)
-* ``llm.gguf``      the Qwen2 LLM with the release tokenizer (f32, llama.cpp arch "qwen2")
+* ``llm.gguf``      the Qwen2 LLM with the release tokenizer (f32, or f16 with ``llm_dtype``; llama.cpp arch
+                    "qwen2")
 * ``flow_encoder.onnx``, ``flow_estimator.onnx``, ``flow_noise.npy``  the token2wav DiT flow as chunk
                     functions with caches in and out (whole utterance = one chunk), see flow_stage.py
 * ``hift_f0.onnx``, ``hift.onnx``  the HiFT vocoder (export/omni2's, hift.pt is CosyVoice2's format)
@@ -61,6 +62,9 @@ STAGE_FILES = (("encoder", ENCODER_FILE), ("llm", LLM_FILE), ("flow_encoder", FL
 
 @dataclass(frozen=True)
 class StepAudio2ExportOptions:
+    # GGUF weights: "f32" (exact), or "f16" (half the file: 15 GB instead of 30 GB at the real shape, the
+    # source an `--preset` export quantizes from when the f32 file would not fit on disk).
+    llm_dtype: str = "f32"
     parity: bool = True
     strict_parity: bool = True  # refuse to write OUT when a stage misses its threshold
     overwrite: bool = False
@@ -83,6 +87,8 @@ def export_step_audio2(checkpoint: str | Path, out_dir: str | Path,
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not options.overwrite:
         raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass --force.")
+    if options.llm_dtype not in ("f32", "f16"):
+        raise OmniliteError(f"LLM dtype {options.llm_dtype!r} is not supported; use f32 or f16.")
     ckpt = open_step_audio2(checkpoint)
     tokenizer_path = tokenizer_json(ckpt)  # refused before any work when absent
     t2w = ckpt.root / TOKEN2WAV_DIR
@@ -92,15 +98,16 @@ def export_step_audio2(checkpoint: str | Path, out_dir: str | Path,
         log.info("export: %s", ENCODER_FILE)
         side = {ENCODER_FILE: export_encoder(encoder, tmp / ENCODER_FILE)}
         log.info("export: %s", LLM_FILE)
-        write_llm_gguf(ckpt, tmp / LLM_FILE, progress=options.progress)
+        write_llm_gguf(ckpt, tmp / LLM_FILE, dtype=options.llm_dtype, progress=options.progress)
         log.info("export: token2wav flow + HiFT")
         export_flow(load_flow(t2w), load_hift(t2w), tmp)
         voice.save(tmp / VOICE_PROMPT_FILE)
-        manifest = _manifest(ckpt, tokenizer_path, tmp, side, voice, speaker_wav)
+        manifest = _manifest(ckpt, tokenizer_path, tmp, side, voice, speaker_wav, options.llm_dtype)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if options.parity:
             log.info("export: parity")
-            record_parity(manifest, tmp, measure_stage_parity(ckpt, tmp, tokenizer_path), options.strict_parity)
+            record_parity(manifest, tmp, measure_stage_parity(ckpt, tmp, tokenizer_path, options.llm_dtype),
+                          options.strict_parity)
     return out
 
 
@@ -121,14 +128,14 @@ def prompt_layout(tokenizer, system: str = SYSTEM_PROMPT) -> dict:
                       "(the official forward overwrites the <audio_patch> run there)"}
 
 
-def _stage(tmp: Path, name: str, file: str, side: dict[str, list[str]], n_embd: int) -> dict:
+def _stage(tmp: Path, name: str, file: str, side: dict[str, list[str]], n_embd: int, llm_dtype: str) -> dict:
     fmt = file.rsplit(".", 1)[1]
     precision, extra = "fp32", {}
     if fmt == "onnx":
         inputs, outputs = io_shapes(tmp / file)
     elif fmt == "gguf":
         inputs, outputs = {"tokens_or_embeddings": ["n", n_embd]}, {"logits_and_hidden": ["n", "vocab+hidden"]}
-        precision, extra = "f32", {"flash_attn": default_flash_attn("f32")}
+        precision, extra = llm_dtype, {"flash_attn": default_flash_attn(llm_dtype)}
     elif fmt == "npy":
         inputs, outputs = {}, {"array": list(np.load(tmp / file, mmap_mode="r").shape)}
     elif fmt == "npz":
@@ -140,7 +147,8 @@ def _stage(tmp: Path, name: str, file: str, side: dict[str, list[str]], n_embd: 
             "inputs": inputs, "outputs": outputs, "extra_files": {f: sha256_file(tmp / f) for f in side.get(file, [])}} | extra
 
 
-def _manifest(ckpt, tokenizer_path: Path, tmp: Path, side: dict[str, list[str]], voice, speaker_wav) -> dict:
+def _manifest(ckpt, tokenizer_path: Path, tmp: Path, side: dict[str, list[str]], voice, speaker_wav,
+              llm_dtype: str) -> dict:
     from tokenizers import Tokenizer
 
     text, audio = ckpt.config.text, ckpt.config.audio
@@ -174,13 +182,13 @@ def _manifest(ckpt, tokenizer_path: Path, tmp: Path, side: dict[str, list[str]],
         "token2wav": t2w,
         "streaming": {"omega": HANDOFF_TOKENS, "flow_chunk_tokens": CHUNK_TOKENS,
                       "flow_lookahead": int(t2w["flow"]["pre_lookahead_len"])},
-        "stages": [_stage(tmp, name, file, side, text.hidden_size) for name, file in STAGE_FILES],
+        "stages": [_stage(tmp, name, file, side, text.hidden_size, llm_dtype) for name, file in STAGE_FILES],
         "parity": {},
     }
 
 
-def measure_stage_parity(ckpt, stage_dir: Path, tokenizer_path: Path) -> dict:
-    """mel, encoder (ONNX vs PyTorch, rows == official count), LLM (f32 GGUF vs PyTorch with the
+def measure_stage_parity(ckpt, stage_dir: Path, tokenizer_path: Path, llm_dtype: str = "f32") -> dict:
+    """mel, encoder (ONNX vs PyTorch, rows == official count), LLM (the GGUF vs PyTorch with the
     speech rows spliced as the official forward does), the flow (ONNX vs PyTorch, whole and streamed;
     streamed vs whole) and HiFT (on the reference flow's mel)."""
     from tokenizers import Tokenizer
@@ -189,7 +197,7 @@ def measure_stage_parity(ckpt, stage_dir: Path, tokenizer_path: Path) -> dict:
     report: dict = {"inputs": [name for name, _ in inputs]}
     report |= encoder_parity(encoder, stage_dir / ENCODER_FILE, inputs)
     prompts = spliced_prompts(Tokenizer.from_file(str(tokenizer_path)), encoder, inputs)
-    report["llm"] = llm_parity(load_llm(ckpt), stage_dir / LLM_FILE, prompts)
+    report["llm"] = llm_parity(load_llm(ckpt), stage_dir / LLM_FILE, prompts, llm_dtype)
     flow, case = load_flow(ckpt.root / TOKEN2WAV_DIR), parity_case()
     report |= flow_parity(flow, stage_dir, case)
     mel = flow.inference(case["tokens"], case["prompt_tokens"], case["prompt_mel"], case["xvector"])[0].numpy()

@@ -52,12 +52,12 @@ def tokenizer_json(ckpt: StepAudio2Checkpoint) -> Path:
     return path
 
 
-def write_llm_gguf(ckpt: StepAudio2Checkpoint, path: Path, progress: bool = False) -> None:
-    """The LLM (``model.*`` + ``lm_head``) as an f32 qwen2 GGUF with the release tokenizer; eos is
+def write_llm_gguf(ckpt: StepAudio2Checkpoint, path: Path, dtype: str = "f32", progress: bool = False) -> None:
+    """The LLM (``model.*`` + ``lm_head``) as an f32 (or f16) qwen2 GGUF with the release tokenizer; eos is
     ``<|EOT|>`` (the official StepAudio2 class ends a turn there)."""
     names = [n for n in ckpt.tensors if n.startswith("model.") or n == "lm_head.weight"]
     write_qwen2_gguf({n: LazyTensor(ckpt.tensors, n) for n in names}, gguf_config(ckpt.config.text),
-                     tokenizer_json(ckpt).parent, path, eos_id=ckpt.token_ids["<|EOT|>"], dtype="f32",
+                     tokenizer_json(ckpt).parent, path, eos_id=ckpt.token_ids["<|EOT|>"], dtype=dtype,
                      name=ckpt.root.name, what="Step-Audio 2 LLM", progress=progress)
 
 
@@ -135,8 +135,8 @@ def spliced_prompts(tokenizer, encoder: EncoderWithAdapter, audio: list[tuple[st
 
 
 @torch.no_grad()
-def llm_parity(ref_llm, gguf_path: Path, prompts: list[SplicedPrompt]) -> dict:
-    """The f32 GGUF against the PyTorch LLM on each spliced prompt: the reference runs the official
+def llm_parity(ref_llm, gguf_path: Path, prompts: list[SplicedPrompt], dtype: str = "f32") -> dict:
+    """The GGUF (f32: exact; f16: judged as the quantizer judges F16) against the PyTorch LLM on each spliced prompt: the reference runs the official
     splice (``splice_audio`` over the embedded ids), llama.cpp the cut prefill; teacher-forced along
     the reference's greedy ids (``PARITY_TOKENS``). Plain attention and an f32 KV cache: the exact
     path (``runtime.llm.default_flash_attn``). Also whether llama.cpp's tokenizer (the GGUF's) turns
@@ -152,7 +152,7 @@ def llm_parity(ref_llm, gguf_path: Path, prompts: list[SplicedPrompt]) -> dict:
             tokens, logits = reference_greedy(ref_llm, splice_audio(ids, embed(ids), p.rows), PARITY_TOKENS)
             first = prefill_spliced(llm, p.ids, [r.numpy() for r in p.rows])
             logits_rt, _ = teacher_forced(llm, first, tokens)
-            per_input.append(lm_agreement("f32", tokens, logits, None, logits_rt, None) | {"reference_ids": tokens})
+            per_input.append(lm_agreement(dtype, tokens, logits, None, logits_rt, None) | {"reference_ids": tokens})
             tokenizer_ok = tokenizer_ok and llm.tokenize(p.text, special=True) == p.ids
     # The reference's greedy ids per input: what the runtime pipeline must reproduce free-running.
     report = summarize_lm(per_input, config) | {"inputs_named": [p.name for p in prompts],

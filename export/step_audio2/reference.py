@@ -4,7 +4,7 @@ the audio front end (25 s pieces, log-mel with 479 samples of right padding), th
 GELU, Linear-ReLU-Linear) and the LLM (transformers' Qwen2ForCausalLM built as the official
 StepAudio2TextConfig builds its Qwen2Config), with the audio features spliced after each
 ``<audio_start>``. Module and parameter names are the release's, so its tensors load as they are.
-Everything runs in float32 (the release is bf16).
+The parity reference runs in float32 (the release is bf16, which the loaders also give for benchmarks).
 """
 
 from __future__ import annotations
@@ -150,24 +150,26 @@ def qwen2_config(t: TextConfig) -> Qwen2Config:
                        rope_theta=t.rope_theta, rope_scaling=t.rope_scaling, tie_word_embeddings=False)
 
 
-def _load(module: nn.Module, ckpt: StepAudio2Checkpoint, prefix: str) -> nn.Module:
+def _load(module: nn.Module, ckpt: StepAudio2Checkpoint, prefix: str, dtype: torch.dtype) -> nn.Module:
     # Names and shapes were checked when the checkpoint was opened; strict loading still guards drift.
-    state = {name: ckpt.tensors[prefix + name].to(torch.float32) for name in module.state_dict()}
-    module.load_state_dict(state, strict=True)
+    state = {name: ckpt.tensors[prefix + name].to(dtype) for name in module.state_dict()}
+    module.to(dtype).load_state_dict(state, strict=True)
     return module.eval()
 
 
-def load_encoder(ckpt: StepAudio2Checkpoint) -> EncoderWithAdapter:
+def load_encoder(ckpt: StepAudio2Checkpoint, dtype: torch.dtype = torch.float32) -> EncoderWithAdapter:
+    """Encoder + adapter in `dtype` (float32: the parity reference; bfloat16: the release's own dtype)."""
     m = EncoderWithAdapter(ckpt.config.audio)
-    _load(m.encoder, ckpt, "encoder.")
-    _load(m.adapter, ckpt, "adapter.")
+    _load(m.encoder, ckpt, "encoder.", dtype)
+    _load(m.adapter, ckpt, "adapter.", dtype)
     return m.eval()
 
 
-def load_llm(ckpt: StepAudio2Checkpoint) -> Qwen2ForCausalLM:
+def load_llm(ckpt: StepAudio2Checkpoint, dtype: torch.dtype = torch.float32) -> Qwen2ForCausalLM:
+    """The LLM in `dtype`; bfloat16 keeps the release's tensors as they are (16.6 GB at the real shape)."""
     with torch.device("meta"):
         llm = Qwen2ForCausalLM(qwen2_config(ckpt.config.text))
-    state = {n: ckpt.tensors[n].to(torch.float32) for n in llm.state_dict()}
+    state = {n: ckpt.tensors[n].to(dtype) for n in llm.state_dict()}
     llm.load_state_dict(state, strict=True, assign=True)
     # The rotary frequencies are a non-persistent buffer (not in the release): rebuild them off the meta device.
     llm.model.rotary_emb = type(llm.model.rotary_emb)(config=llm.config)

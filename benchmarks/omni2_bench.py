@@ -51,12 +51,12 @@ from omnilite.runtime.audio import atomic_write_bytes
 
 from .baseline import baseline_result, baseline_sentence, plan_baseline, torch_bf16_view
 from .memory import peak_rss_bytes, reset_peak_rss
+from .report import write_markdown_keeping_notes
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "omnilite.bench.omni2/3"
 RESULTS = Path(__file__).parent / "results"
-NOTES_MARK = "<!-- notes -->"
 # Stages of a LLaMA-Omni2 turn as the runtime times them; "vocoder" is flow + HiFT (reported apart).
 STAGES = ("resample", "mel", "encoder", "llm_prefill", "llm_decode", "speech_generator", "flow", "hift")
 TARGETS = {"ttfa_p50_s": 1.0, "rtf_p50": 0.8, "peak_rss_gb": 2.5, "ttfa_speedup_vs_torch": 3.0}
@@ -298,7 +298,7 @@ def targets(result: dict) -> dict:
             for k, v in got.items()}
 
 
-def markdown(r: dict, notes: str = "") -> str:
+def markdown(r: dict) -> str:
     b, h = r["bundle"], r["host"]
     rows = r["omnilite"]
     loads = " -> ".join(f"{x['load1']:.2f}/{x['load5']:.2f}/{x['load15']:.2f} ({x['time']})" for x in r["load"].values())
@@ -373,17 +373,11 @@ def markdown(r: dict, notes: str = "") -> str:
             ratio = t[k]["p50"] / ob_stage[k] if ob_stage[k] > 0 else float("nan")
             lines.append(f"| {k} | {t[k]['p50']:.3f} | {ob_stage[k]:.3f} | {ratio:.2f}x |")
     lines += ["", f"![waterfall]({r['waterfall']})" if r.get("waterfall") else ""]
-    text = "\n".join(lines).rstrip() + "\n"
-    if notes:
-        text += "\n" + NOTES_MARK + "\n" + notes.strip() + "\n"
-    return text
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def write_markdown(result: dict, path: Path) -> None:
-    notes = ""
-    if path.exists() and NOTES_MARK in path.read_text():
-        notes = path.read_text().split(NOTES_MARK, 1)[1]
-    atomic_write_bytes(path, markdown(result, notes).encode())
+    write_markdown_keeping_notes(path, markdown(result))
 
 
 def main(argv: list[str] | None = None) -> int:

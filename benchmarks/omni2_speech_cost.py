@@ -41,12 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from .omni2_bench import _load, _p, _stats, bundle_info
+from .report import write_markdown_keeping_notes
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "omnilite.bench.omni2_speech_cost/1"
 RESULTS = Path(__file__).parent / "results"
-NOTES_MARK = "<!-- notes -->"
 TOKEN_RATE = 25  # CosyVoice2 speech tokens per second of audio
 
 
@@ -322,9 +322,6 @@ def end_to_end(bundle_path: Path, base, variants: dict, audio: np.ndarray, round
 def write_markdown(res: dict, path: Path) -> None:
     from omnilite.devices.host import describe_cpu
 
-    notes = ""
-    if path.exists() and NOTES_MARK in path.read_text():
-        notes = path.read_text().split(NOTES_MARK, 1)[1]
     b = res["bundle"]
     L = [f"# LLaMA-Omni2 speech side cost: {res['name']}", "",
          "Random weights in the released layout: the speech is babble, the costs are real. One process, "
@@ -380,10 +377,7 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append(f"| {k} | {v['ttfa']['p50']:.2f} | {v['ttft']['p50']:.2f} | {gap} | {v['rtf_after_first']['p50']:.2f} | "
                  f"{v['underrun_s']['p50']:.2f} | {v['audio_s']['p50']:.1f} | {bsy['speech_generator']:.2f} / {bsy['flow']:.2f} / {bsy['hift']:.2f} |")
     L += ["", "Variants: " + "; ".join(f"**{k}**: {d}" for k, d in res["e2e_variants"].items()), ""]
-    text = "\n".join(L) + "\n" + NOTES_MARK + (notes if notes else "\n")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_markdown_keeping_notes(path, "\n".join(L) + "\n")
 
 
 def _write_json(res: dict, path: Path) -> None:

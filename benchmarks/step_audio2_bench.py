@@ -44,12 +44,12 @@ from omnilite.runtime.audio import atomic_write_bytes
 
 from .baseline import plan_baseline, torch_bf16_view
 from .memory import peak_rss_bytes, reset_peak_rss
+from .report import write_markdown_keeping_notes
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "omnilite.bench.step_audio2/1"
 RESULTS = Path(__file__).parent / "results"
-NOTES_MARK = "<!-- notes -->"
 CHUNK = 5  # ids per interleave chunk: 1 text + 4 audio
 REPLY_TEXT = "Sure. Here is a short answer to your question, spoken while it is written."
 OMNI_STAGES = ("mel", "encoder", "llm_prefill", "llm_decode", "flow", "hift")
@@ -192,7 +192,7 @@ def omnilite_turns(bundle: Path, audio: np.ndarray, n_reply: int, runs: int, set
         pipe.close()
         del pipe
         gc.collect()
-    seq, ovl = done["sequential"], done["overlapped"]
+    seq = done["sequential"]
     first = seq[0]
     if not len(first.audio):
         raise RuntimeError("the scripted reply produced no audio; raise --reply to at least 35 ids")
@@ -342,7 +342,7 @@ def bundle_info(path: Path) -> dict:
             "accuracy_ok": ((b.manifest.get("quantization") or {}).get("accuracy") or {}).get("ok")}
 
 
-def markdown(r: dict, notes: str = "") -> str:
+def markdown(r: dict) -> str:
     o = r["omnilite"]
     lines = [f"# Step-Audio 2 mini, {r['name']}: omnilite vs PyTorch, same run", "",
              f"- created {r['created']}; omnilite {r['versions']['omnilite']}, onnxruntime {r['versions']['onnxruntime']}, "
@@ -397,17 +397,11 @@ def markdown(r: dict, notes: str = "") -> str:
                      if x is r["torch"] or x == r["torch"] else "") + ".")
     if r.get("not_run"):
         lines += ["", "## Not measured", ""] + [f"- {x}" for x in r["not_run"]]
-    text = "\n".join(lines).rstrip() + "\n"
-    if notes:
-        text += "\n" + NOTES_MARK + "\n" + notes.strip() + "\n"
-    return text
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def write_markdown(result: dict, path: Path) -> None:
-    notes = ""
-    if path.exists() and NOTES_MARK in path.read_text():
-        notes = path.read_text().split(NOTES_MARK, 1)[1]
-    atomic_write_bytes(path, markdown(result, notes).encode())
+    write_markdown_keeping_notes(path, markdown(result))
 
 
 def main(argv: list[str] | None = None) -> int:

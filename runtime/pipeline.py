@@ -278,6 +278,10 @@ class Pipeline:
         conv.prepared_at = -1
         self._conversation = conv
 
+    def _eval_prompt_ids(self, ids: list[int]) -> None:
+        """Evaluate prompt ids into the KV cache (a family that keeps per-position state hooks in here)."""
+        self.llm.eval_tokens(ids)
+
     def _prepare(self, conv: Conversation) -> int:
         self._claim(conv)
         if conv.prepared_at >= 0:
@@ -287,7 +291,7 @@ class Pipeline:
             self.llm.reset()
         else:
             ids = conv.pending + self.turn_prefix_ids
-        self.llm.eval_tokens(ids)
+        self._eval_prompt_ids(ids)
         conv.pending = []
         conv.prepared_at = self.llm.n_past
         conv.prepared_tokens = len(ids)

@@ -199,20 +199,8 @@ class FunAudioChatPipeline(Pipeline):
     def _head_input(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         return self._hidden[start:end], np.asarray(self.text_embeds[self._input_ids[start:end]], np.float32)
 
-    def _prepare(self, conv: Conversation) -> int:
-        self._claim(conv)
-        if conv.prepared_at >= 0:
-            return 0
-        if conv.turns == 0:
-            ids = self.prefix_for(conv.system)
-            self.llm.reset()
-        else:
-            ids = conv.pending + self.turn_prefix_ids
-        self._eval(ids)
-        conv.pending = []
-        conv.prepared_at = self.llm.n_past
-        conv.prepared_tokens = len(ids)
-        return len(ids)
+    def _eval_prompt_ids(self, ids: list[int]) -> None:
+        self._eval(ids)  # the speech head needs every cached position's hidden state and input id
 
     def _prefill(self, conv: Conversation, turn: TurnInput, embeds: np.ndarray, state: _ReplyState) -> np.ndarray:
         """The clip's rows after ``<|audio_bos|>`` (their input token, for the head, is ``<|AUDIO|>``:

@@ -333,6 +333,10 @@ def measure_accuracy(quantized: Bundle, reference: Bundle, options: AccuracyOpti
         from .accuracy_step_audio2 import step_audio2_sections
 
         stages, end_to_end, input_extra = step_audio2_sections(quantized, reference, speech, ort_opts, options)
+    elif quantized.family == "fun-audio-chat":  # its own S2M loop: the head's codes feed the LLM back
+        from .accuracy_fun_audio_chat import fun_audio_chat_sections
+
+        stages, end_to_end, input_extra = fun_audio_chat_sections(quantized, reference, speech, ort_opts, options)
     else:
         stages, end_to_end, input_extra = _whisper_family_sections(quantized, reference, speech, ort_opts, options)
     end_to_end["note"] = "whole quantized chain vs whole reference chain; not judged: one changed token changes the rest"

@@ -38,7 +38,16 @@ FAMILY_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
     # flow int8, HiFT fp32; small: encoder int4, LLM Q4_K_M, flow int8, HiFT fp32).
     "step-audio2": {"encoder": ("encoder",), "llm": ("llm",), "flow": ("flow_encoder", "flow_estimator"),
                     "vocoder": ("hift",)},
+    # Fun-Audio-Chat: encoder = the audio input stage (audio encoder + adapter), llm, tts = the
+    # speech head (a GGUF LM writing 5 codes per LLM step; capped at Q8_0, see FAMILY_CAPS), flow
+    # (CosyVoice3 flow: encoder + estimator), vocoder (causal HiFT).
+    "fun-audio-chat": {"encoder": ("audio_input",), "llm": ("llm",), "tts": ("speech_head",),
+                       "flow": ("flow_encoder", "flow_estimator"), "vocoder": ("hift",)},
 }
+# Family -> role -> the lowest precision a preset gives it (an explicit --ROLE still wins). The
+# Fun-Audio-Chat speech head's codes are heard and fed back into the LLM's next input, and no trained
+# head has been measured below Q8_0 yet (the tiny head's rows are too narrow for Q4_K).
+FAMILY_CAPS: dict[str, dict[str, str]] = {"fun-audio-chat": {"tts": "Q8_0"}}
 # Stages that never change precision, and why (printed in the report).
 FIXED_STAGES: dict[str, str] = {
     "unit_duration": "kept fp32: 0.1% of the vocoder's weights, and a duration that rounds differently shifts every later sample",
@@ -46,6 +55,9 @@ FIXED_STAGES: dict[str, str] = {
     "flow_noise": "kept fp32: the flow's fixed initial noise is data, not weights",
     "hift_f0": "kept fp32: the F0 predictor is small, and an F0 error moves the phase of the sine source in every later sample",
     "voice_prompt": "kept fp32: the flow's prompt conditioning (speech tokens, mel, x-vector) is data, not weights",
+    "speech_head_input": "kept fp32: the head's input projections (hidden state + text embedding), read at every LLM step; not yet measured at int8",
+    "speech_feedback": "kept fp32: the code embeddings averaged into the LLM's next input; not yet measured at int8",
+    "speech_head_codes": "kept fp32: the head's per-code input rows are a table read by index, not matmul weights",
 }
 
 
@@ -124,7 +136,11 @@ def plan_for(preset: str, overrides: dict[str, str | None] | None = None, family
         if foreign:
             raise OmniliteError(f"--{foreign[0]} does not apply to a {family} bundle, whose stage roles are "
                                 f"{', '.join(roles)}; drop it.")
-    plan = PRESETS[preset].with_overrides(overrides or {})
+    plan = PRESETS[preset]
+    for role, cap in FAMILY_CAPS.get(family or "", {}).items():
+        if getattr(plan, role) is not None and bits(getattr(plan, role)) < bits(cap):
+            plan = replace(plan, **{role: cap})
+    plan = plan.with_overrides(overrides or {})
     plan.validate()
     return plan
 

@@ -145,7 +145,10 @@ def _manifest(ckpt, vocoder, prompt: AudioPrompt, tmp: Path, options: FunAudioCh
             _stage(tmp, "llm", LLM_FILE, d, "f32"),
             _stage(tmp, "text_embeddings", TEXT_EMBEDDINGS_FILE, d),
             _stage(tmp, "speech_head_input", HEAD_INPUT_FILE, d),
-            _stage(tmp, "speech_head", HEAD_LM_FILE, head_width, spec.precision, side=[HEAD_CODES_FILE]),
+            # The codes table is its own stage, not the GGUF's side file: a quantized head is a new
+            # GGUF, and the quantizer carries side files of ONNX stages only.
+            _stage(tmp, "speech_head_codes", HEAD_CODES_FILE, d),
+            _stage(tmp, "speech_head", HEAD_LM_FILE, head_width, spec.precision),
             _stage(tmp, "speech_feedback", FEEDBACK_FILE, d),
             *vocoder_stages,
             _stage(tmp, "vocoder_config", RECORD_FILE, d),

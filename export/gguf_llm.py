@@ -254,6 +254,23 @@ def write_llama_gguf(
 
 
 
+def float_entries(tensors: Mapping, plan: list[tuple[str, str, tuple[int, ...]]], dtype: str
+                  ) -> tuple[list[tuple], gguf.LlamaFileType]:
+    """`write_gguf` entries for a plan of (HF name, GGUF name, shape) without reordering: matrices in
+    `dtype` ("f32" or "f16"), vectors f32 (llama.cpp's norms and biases), each read only when written."""
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
+    out_dtype = np.float16 if dtype == "f16" else np.float32
+
+    def convert(hf: str) -> np.ndarray:
+        w = np.asarray(tensors[hf], dtype=np.float32)
+        return np.ascontiguousarray(w.astype(out_dtype if w.ndim == 2 else np.float32, copy=False))
+
+    entries = [(gg, shape, np.dtype(out_dtype if len(shape) == 2 else np.float32), lambda hf=hf: convert(hf))
+               for hf, gg, shape in plan]
+    return entries, gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
+
+
 def write_gguf(out_path: Path, arch: str, entries: list[tuple], add_metadata, progress: bool = False) -> None:
     """Write a GGUF atomically (to ``out_path.with_suffix('.tmp')``, then renamed): the metadata that
     ``add_metadata(writer)`` adds, every tensor's shape and dtype, then each tensor's data in order.

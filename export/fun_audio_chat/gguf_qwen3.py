@@ -19,10 +19,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-import gguf
-import numpy as np
-
-from ..gguf_llm import _add_hparams, write_gguf
+from ..gguf_llm import _add_hparams, float_entries, write_gguf
 from ..omni2.gguf_qwen2 import _add_tokenizer, plan_decoder
 
 log = logging.getLogger(__name__)
@@ -56,18 +53,7 @@ def write_qwen3_gguf(tensors: Mapping, config: dict, tokenizer_dir: Path, out_pa
                      dtype: str = "f32", name: str = "omnilite-qwen3", what: str = "Qwen3 LM", progress: bool = False) -> None:
     """Atomically write ``out_path``; ``tensors`` are HF-named (prefix already stripped), any
     array-like (a torch tensor or a lazily read safetensors slice converts with np.asarray)."""
-    if dtype not in ("f32", "f16"):
-        raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
-    out_dtype = np.float16 if dtype == "f16" else np.float32
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
-    plan = _plan(tensors, config, what)
-
-    def convert(hf: str) -> np.ndarray:
-        w = np.asarray(tensors[hf], dtype=np.float32)
-        return np.ascontiguousarray(w.astype(out_dtype if w.ndim == 2 else np.float32, copy=False))
-
-    entries = [(gg, shape, np.dtype(out_dtype if len(shape) == 2 else np.float32), lambda hf=hf: convert(hf))
-               for hf, gg, shape in plan]
+    entries, file_type = float_entries(tensors, _plan(tensors, config, what), dtype)
     write_gguf(Path(out_path), ARCH, entries, lambda w: (_add_hparams(w, config, name, file_type),
                _add_tokenizer(w, Path(tokenizer_dir), int(config["vocab_size"]), eos_id)), progress)
     log.info("wrote %s (%s, %d tensors)", out_path, dtype, len(entries))

@@ -21,11 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import gguf
-import numpy as np
 
 from omnilite.runtime.errors import CheckpointError
 
-from ..gguf_llm import _add_hparams, add_bpe_vocab, write_gguf, writer_tokens
+from ..gguf_llm import _add_hparams, add_bpe_vocab, float_entries, write_gguf, writer_tokens
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +96,9 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int
 def write_qwen2_gguf(tensors: Mapping, config: dict, tokenizer_dir: Path, out_path: Path, *, eos_id: int,
                      dtype: str = "f32", name: str = "omnilite-qwen2", what: str = "Qwen2 LM", progress: bool = False) -> None:
     """Atomically write ``out_path``; ``tensors`` are HF-named (prefix already stripped)."""
-    if dtype not in ("f32", "f16"):
-        raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
-    out_dtype = np.float16 if dtype == "f16" else np.float32
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
-    plan = _plan(tensors, config, what)
+    entries, file_type = float_entries(tensors, _plan(tensors, config, what), dtype)
     cfg = dict(config)
     cfg.setdefault("max_position_embeddings", 32768)
-
-    def convert(hf: str) -> np.ndarray:
-        w = np.asarray(tensors[hf], dtype=np.float32)
-        return np.ascontiguousarray(w.astype(out_dtype if w.ndim == 2 else np.float32, copy=False))
-
-    entries = [(gg, shape, np.dtype(out_dtype if len(shape) == 2 else np.float32), lambda hf=hf: convert(hf))
-               for hf, gg, shape in plan]
     write_gguf(Path(out_path), ARCH, entries, lambda w: (_add_hparams(w, cfg, name, file_type),
                _add_tokenizer(w, Path(tokenizer_dir), int(config["vocab_size"]), eos_id)), progress)
     log.info("wrote %s (%s, %d tensors)", out_path, dtype, len(entries))

@@ -52,6 +52,8 @@ from omnilite.runtime.audio import atomic_write_bytes
 from .baseline import baseline_result, baseline_sentence, plan_baseline, torch_bf16_view
 from .memory import peak_rss_bytes, reset_peak_rss
 from .report import write_markdown_keeping_notes
+from .turn_stats import percentile as _p
+from .turn_stats import stats as _stats
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +65,6 @@ TARGETS = {"ttfa_p50_s": 1.0, "rtf_p50": 0.8, "peak_rss_gb": 2.5, "ttfa_speedup_
 
 
 # --- small helpers -----------------------------------------------------------------------------
-
-def _p(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, np.float64), q)) if values else float("nan")
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"p50": _p(values, 50), "p95": _p(values, 95), "n": len(values)}
-
 
 def _reset_peak_rss() -> bool:
     return reset_peak_rss()

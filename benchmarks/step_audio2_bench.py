@@ -31,7 +31,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -45,6 +44,13 @@ from omnilite.runtime.audio import atomic_write_bytes
 from .baseline import plan_baseline, torch_bf16_view
 from .memory import peak_rss_bytes, reset_peak_rss
 from .report import write_markdown_keeping_notes
+from .turn_stats import available_gb as _available_gb
+from .turn_stats import busy_before as _busy_before
+from .turn_stats import bundle_sizes as bundle_info
+from .turn_stats import first_last as _first_last
+from .turn_stats import load_avg as _load_avg
+from .turn_stats import percentile as _p
+from .turn_stats import stats as _stats
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +59,6 @@ RESULTS = Path(__file__).parent / "results"
 CHUNK = 5  # ids per interleave chunk: 1 text + 4 audio
 REPLY_TEXT = "Sure. Here is a short answer to your question, spoken while it is written."
 OMNI_STAGES = ("mel", "encoder", "llm_prefill", "llm_decode", "flow", "hift")
-
-
-def _p(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, np.float64), q)) if values else float("nan")
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"p50": _p(values, 50), "p95": _p(values, 95), "n": len(values)}
-
-
-def _load_avg() -> dict:
-    one, five, fifteen = os.getloadavg()
-    return {"time": time.strftime("%H:%M:%S"), "load1": one, "load5": five, "load15": fifteen}
-
-
-def _available_gb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def reply_script(text_ids: list[int], n: int, code_base: int, codes: int, seed: int = 0) -> list[int]:
@@ -126,24 +112,6 @@ class _FlowTimer:
             finally:
                 self.spans.append((t, time.perf_counter()))
         return call
-
-
-def _busy_before(spans, until: float) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, a, b in spans:
-        if a < until:
-            out[name] = out.get(name, 0.0) + min(b, until) - a
-    return out
-
-
-def _first_last(spans, until: float) -> dict[str, list[float]]:
-    """Per stage, [first start, last end] of its spans before `until` (the waterfall)."""
-    out: dict[str, list[float]] = {}
-    for name, a, b in spans:
-        if a < until:
-            lo, hi = out.get(name, [a, min(b, until)])
-            out[name] = [min(lo, a), max(hi, min(b, until))]
-    return out
 
 
 def omnilite_turns(bundle: Path, audio: np.ndarray, n_reply: int, runs: int, settings: dict) -> tuple[dict, dict]:
@@ -329,18 +297,6 @@ def torch_first_audio(checkpoint: Path, bundle: Path, audio: np.ndarray, n_reply
 
 
 # --- report ------------------------------------------------------------------------------------
-
-def bundle_info(path: Path) -> dict:
-    from omnilite.runtime.bundle import load_bundle
-
-    b = load_bundle(path, verify=False)
-    stages = {s.name: {"precision": s.precision,
-                       "gb": sum((b.path / f).stat().st_size for f in [s.file, *s.extra_files]) / 2**30}
-              for s in b.stages.values()}
-    return {"path": str(path), "preset": (b.manifest.get("quantization") or {}).get("preset"), "stages": stages,
-            "gb": sum(v["gb"] for v in stages.values()),
-            "accuracy_ok": ((b.manifest.get("quantization") or {}).get("accuracy") or {}).get("ok")}
-
 
 def markdown(r: dict) -> str:
     o = r["omnilite"]

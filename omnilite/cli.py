@@ -282,10 +282,11 @@ def _export_fun_audio_chat(args) -> int:
     from omnilite.export.fun_audio_chat.bundle import FunAudioChatExportOptions, export_fun_audio_chat
     from omnilite.runtime.errors import OmniliteError
 
-    if args.encoder_mode or args.llm_dtype != "f32" or args.speaker_wav:
-        raise OmniliteError("Fun-Audio-Chat bundles are exported with an f32 LLM, the official front end and the release's "
-                            "voice only; drop --llm-dtype, --encoder-mode and --speaker-wav (use --preset or --llm to quantize).")
-    options = FunAudioChatExportOptions(parity=not args.no_parity, strict_parity=not args.no_strict, overwrite=args.force)
+    if args.encoder_mode or args.speaker_wav:
+        raise OmniliteError("Fun-Audio-Chat bundles are exported with the official front end and the release's voice only; "
+                            "drop --encoder-mode and --speaker-wav.")
+    options = FunAudioChatExportOptions(parity=not args.no_parity, strict_parity=not args.no_strict, overwrite=args.force,
+                                        llm_dtype=args.llm_dtype)
     if args.preset != "fp32" or any(_quant_overrides(args).values()):
         return _export_quantized(args, "fun-audio-chat", lambda path, overwrite: export_fun_audio_chat(
             args.checkpoint, path, dataclasses.replace(options, overwrite=overwrite)))

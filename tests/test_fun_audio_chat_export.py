@@ -174,3 +174,39 @@ def test_missing_tokenizer_json_is_one_sentence(tmp_path):
         AudioPrompt.build(tmp_path)
     assert str(e.value) == (f"{tmp_path.resolve() / 'tokenizer.json'} is missing; the prompt and the GGUF vocabulary are read "
                             "from it, download it with the rest of the Fun-Audio-Chat-8B directory.")
+
+
+def test_f16_llm_stage_is_judged_as_an_f16_gguf(fac_root, stages, tmp_path):
+    """The real shape's export path: an f16 LLM GGUF (a 33 GB f32 one does not fit beside the rest),
+    recorded as f16 with its cache type, within the F16 tolerances against the f32 reference."""
+    out = export_fun_audio_chat_stages(fac_root, tmp_path / "f16", FunAudioChatStageOptions(llm_dtype="f16"))
+    llm = next(s for s in _report(out)["stages"] if s["name"] == "llm")
+    assert (llm["precision"], llm["kv_cache"], llm["flash_attn"]) == ("f16", "f16", "auto")
+    assert (out / LLM_FILE).stat().st_size < 0.6 * (stages / LLM_FILE).stat().st_size
+    rep = _report(out)["parity"]["llm"]
+    assert rep["ok"] and rep["mean_kl"] < 1e-3, rep
+    with pytest.raises(OmniliteError, match="LLM dtype 'bf16' is not supported; use f32 or f16"):
+        export_fun_audio_chat_stages(fac_root, tmp_path / "bf16", FunAudioChatStageOptions(llm_dtype="bf16"))
+
+
+def test_reference_without_the_language_model_keeps_the_audio_side(fac_root, model):
+    """What the export loads when parity is off: the audio towers and the speech head, the LLM left on
+    the meta device (no memory), with the same outputs as the whole reference."""
+    part = open_fun_audio_chat(fac_root).reference(language_model=False)
+    assert part.language_model.lm_head.weight.is_meta and not part.audio_invert_tower.pre_matching.weight.is_meta
+    mel = torch.randn(128, 300)
+    with torch.no_grad():
+        assert torch.equal(part.user_audio_embeddings(mel, 48000), model.user_audio_embeddings(mel, 48000))
+        codes = torch.tensor([1, 2, 3, 4, 5])
+        assert torch.equal(part.audio_tower.speech_groups(codes), model.audio_tower.speech_groups(codes))
+    assert part.audio_invert_tower.lm_head.weight is part.audio_tower.embed_tokens.weight
+
+
+def test_bf16_reference_runs_the_encoder_in_bf16(fac_root):
+    """The PyTorch baseline loads the release in bf16 as the official code does: the positional table
+    follows, or the encoder's layer norm refuses the mixed dtypes."""
+    ref = open_fun_audio_chat(fac_root).reference(torch.bfloat16)
+    assert ref.continuous_audio_tower.positional_embedding.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = ref.user_audio_embeddings(torch.randn(128, 300).to(torch.bfloat16), 48000)
+    assert out.dtype == torch.bfloat16 and out.shape == (15, ref.language_model.config.hidden_size)

@@ -3,7 +3,7 @@
 ``export_fun_audio_chat(checkpoint, out, options)`` writes, atomically (built in ``.OUT.partial`` under
 OUT's lock, moved into place only when complete and, with ``strict_parity``, within every threshold):
 
-* the model stages of ``export.write_model_stages``: ``audio_input.onnx``, ``llm.gguf`` (Qwen3, f32),
+* the model stages of ``export.write_model_stages``: ``audio_input.onnx``, ``llm.gguf`` (Qwen3, f32 or f16),
   ``speech_head_input.onnx`` + ``speech_head_codes.npy`` + ``speech_head.gguf`` (the speech head),
   ``speech_feedback.onnx``;
 * ``text_embeddings.npy``: the LLM's token table (vocab, D) as float32. The head reads the text
@@ -40,7 +40,7 @@ from ..bundle_dir import building_dir, record_parity
 from ..onnx_export import io_shapes
 from .checkpoint import open_cosyvoice3, open_fun_audio_chat
 from .config import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, FAMILY, IM_END, MODEL_TYPE, N_CODES, SPK2INFO_VOICE
-from .export import AUDIO_INPUT_FILE, LLM_FILE, write_model_stages
+from .export import AUDIO_INPUT_FILE, LLM_FILE, check_llm_dtype, write_model_stages
 from .prompt import AudioPrompt, _tokenizer
 from .speech_head import head_spec
 from .vocoder_stage import write_vocoder_stages
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 N_MELS = 128
 MAX_MEL_FRAMES = 3000  # the processor cuts the log-mel at 30 s (its placeholders are not cut)
+TEXT_TABLE = "language_model.model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class FunAudioChatExportOptions:
     overwrite: bool = False
     voice: str = SPK2INFO_VOICE  # a key of utils/new_spk2info.pt
     schedule: str = CHUNK_ALIGNED  # the runtime's default streaming schedule (runtime/fun_audio_chat/vocoder.py)
+    llm_dtype: str = "f32"  # "f16": a 16 GB LLM GGUF at the real shape instead of 33 GB
 
 
 def export_fun_audio_chat(checkpoint: str | Path, out_dir: str | Path,
@@ -69,17 +71,19 @@ def export_fun_audio_chat(checkpoint: str | Path, out_dir: str | Path,
         raise OmniliteError(f"{out} already exists and is not empty; choose another directory or pass --force.")
     if options.schedule not in SCHEDULES:
         raise OmniliteError(f"vocoder schedule {options.schedule!r} is unknown; use one of: {', '.join(SCHEDULES)}.")
+    check_llm_dtype(options.llm_dtype)
     # A bad model dir, vocoder dir or voice is refused, in one sentence, before any work.
     ckpt = open_fun_audio_chat(checkpoint)
     vocoder = open_cosyvoice3(checkpoint)
     vocoder.speaker_embedding(options.voice)
     prompt = AudioPrompt.build(ckpt.model_dir)
     with building_dir(out) as tmp:
-        model = ckpt.reference(torch.float32)
-        report = write_model_stages(ckpt, model, prompt, tmp, options.parity)
-        log.info("export: %s", TEXT_EMBEDDINGS_FILE)
-        np.save(tmp / TEXT_EMBEDDINGS_FILE, model.language_model.get_input_embeddings().weight.detach().float().numpy())
+        # The f32 LLM is loaded only for parity: without it the export fits a 24 GB machine at the real shape.
+        model = ckpt.reference(torch.float32, language_model=options.parity)
+        report = write_model_stages(ckpt, model, prompt, tmp, options.parity, options.llm_dtype)
         del model
+        log.info("export: %s", TEXT_EMBEDDINGS_FILE)
+        np.save(tmp / TEXT_EMBEDDINGS_FILE, ckpt.tensors[TEXT_TABLE].float().numpy())
         log.info("export: vocoder (CosyVoice3 flow + causal HiFT)")
         report |= write_vocoder_stages(vocoder, tmp, options.voice, parity=options.parity)
         manifest = _manifest(ckpt, vocoder, prompt, tmp, options)
@@ -142,7 +146,7 @@ def _manifest(ckpt, vocoder, prompt: AudioPrompt, tmp: Path, options: FunAudioCh
                     "sample_rate": int(voc["audio"]["sample_rate"])},
         "stages": [
             _stage(tmp, "audio_input", AUDIO_INPUT_FILE, d),
-            _stage(tmp, "llm", LLM_FILE, d, "f32"),
+            _stage(tmp, "llm", LLM_FILE, d, options.llm_dtype),
             _stage(tmp, "text_embeddings", TEXT_EMBEDDINGS_FILE, d),
             _stage(tmp, "speech_head_input", HEAD_INPUT_FILE, d),
             # The codes table is its own stage, not the GGUF's side file: a quantized head is a new

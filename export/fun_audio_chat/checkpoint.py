@@ -47,16 +47,25 @@ class FunAudioChatCheckpoint:
     def text_config(self) -> dict:
         return self.config["text_config"]
 
-    def reference(self, dtype: torch.dtype = torch.float32) -> FunAudioChatReference:
-        """The whole model with the release's weights as `dtype` (eval mode)."""
+    def reference(self, dtype: torch.dtype = torch.float32, language_model: bool = True) -> FunAudioChatReference:
+        """The whole model with the release's weights as `dtype` (eval mode). Without `language_model`
+        the LLM stays unloaded (on the meta device): the audio towers and the speech head alone are
+        1.2B parameters, while the 8B LLM in f32 (33 GB) does not fit a 24 GB machine."""
         with torch.device("meta"):
             model = FunAudioChatReference(self.config)
-        state = {name: self.tensors[name].to(dtype) for name in self.shapes}
+        names = [n for n in self.shapes if language_model or not n.startswith("language_model.")]
+        state = {name: self.tensors[name].to(dtype) for name in names}
         state["audio_invert_tower.lm_head.weight"] = state["audio_tower.embed_tokens.weight"]
-        if "language_model.lm_head.weight" not in state:
+        if language_model and "language_model.lm_head.weight" not in state:
             state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        materialize_buffers(model)
+        if language_model:
+            model.load_state_dict(state, strict=True, assign=True)
+        else:
+            for child, module in model.named_children():
+                if child != "language_model":
+                    module.load_state_dict({k[len(child) + 1:]: v for k, v in state.items() if k.startswith(child + ".")},
+                                           strict=True, assign=True)
+        materialize_buffers(model, dtype)
         model.audio_invert_tower.lm_head.weight = model.audio_tower.embed_tokens.weight
         return model.eval()
 

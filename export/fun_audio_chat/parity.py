@@ -92,10 +92,11 @@ def _reference_greedy(model: FunAudioChatReference, x: torch.Tensor, n: int) -> 
 
 
 def llm_parity(model: FunAudioChatReference, gguf_path: Path, tokenizer_dir: Path, prompt: AudioPrompt,
-               n_tokens: int = PARITY_TOKENS) -> dict:
+               dtype: str = "f32", n_tokens: int = PARITY_TOKENS) -> dict:
     """`prompt` is the runtime side's cut (prefix ids, embedding rows, suffix ids); the reference side
-    always builds the official prompt itself, so a wrong cut shows as a mismatch."""
-    config = LLMConfig(n_ctx=PARITY_CTX, kv_cache="f32", flash_attn=default_flash_attn("f32"))
+    always builds the official prompt itself, so a wrong cut shows as a mismatch. `dtype`: the GGUF's
+    (f32: the exact path; f16: judged as the quantizer judges an F16 GGUF)."""
+    config = LLMConfig(n_ctx=PARITY_CTX, kv_cache="f32" if dtype == "f32" else "f16", flash_attn=default_flash_attn(dtype))
     per_input, tokenizer_ok = [], True
     with LlamaCppLLM(gguf_path, config) as llm:
         for _, audio in parity_inputs():
@@ -111,7 +112,7 @@ def llm_parity(model: FunAudioChatReference, gguf_path: Path, tokenizer_dir: Pat
             llm.eval_embeddings(emb.numpy())
             first = llm.eval_tokens(prompt.suffix_ids, want_last=True)
             logits_rt, hidden_rt = teacher_forced(llm, first, tokens)
-            per_input.append(lm_agreement("f32", tokens, logits, hidden.numpy(), logits_rt, hidden_rt))
+            per_input.append(lm_agreement(dtype, tokens, logits, hidden.numpy(), logits_rt, hidden_rt))
     out = summarize_lm(per_input, config)
     out["splice"] = {"prefix_ids": len(prompt.prefix_ids), "official_first_audio_row": ids.index(AUDIO_TOKEN)}
     out["tokenizer_identical"] = tokenizer_ok

@@ -20,7 +20,9 @@ lists the released tensors (less the tied ones, see `expected_shapes`).
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -246,46 +248,70 @@ class S2MTrace:
     feedback: list[torch.Tensor]  # (D,) audio_tower row of each kept group that the LLM read back
 
 
+@dataclass
+class S2MStep:
+    """One LLM step of the official generate loop (step 0 is the prompt prefill)."""
+
+    hidden: torch.Tensor  # (T, D) final-norm hidden states the head read
+    text: torch.Tensor  # (T, D) text embeddings of those positions' input tokens
+    codes: list[int]  # the head's codes
+    logits: torch.Tensor  # (5, codebook) head logits
+    token: int  # the text token chosen
+    kept: list[int] | None  # the group kept as the reply's speech (None while speech is off)
+
+
 @torch.no_grad()
-def s2m_greedy(model: FunAudioChatReference, input_ids: torch.Tensor, audio_embeds: torch.Tensor, steps: int,
-               force_audio_bos: bool = True) -> S2MTrace:
-    """`steps` LLM steps after the prompt as the official ``_sample`` runs them (M:1218-1447), greedy
-    for text and speech and without stopping at the text eos: the head runs on every forward from
-    the prefill on, reading the final-norm hidden state + the input token's text embedding (at the
-    prompt's ``<|AUDIO|>`` rows that is the embedding of the ``<|AUDIO|>`` id itself, M:1123-1126);
-    ``<|audio_bos|>`` as input switches speech on (``force_text_abos`` makes it the first token);
-    while speaking, the next input is (text embedding + audio_tower(last group)) / 2 (M:1199-1208);
-    a group holding the speech EOS ends speech and the text token becomes ``<|audio_eos|>``."""
+def s2m_steps(model: FunAudioChatReference, input_ids: torch.Tensor, audio_embeds: torch.Tensor,
+              force_audio_bos: bool = True) -> Iterator[S2MStep]:
+    """The official ``_sample`` loop (M:1218-1447) one LLM step at a time, greedy for text and speech
+    and without stopping at the text eos: the head runs on every forward from the prefill on, reading
+    the final-norm hidden state + the input token's text embedding (at the prompt's ``<|AUDIO|>`` rows
+    that is the embedding of the ``<|AUDIO|>`` id itself, M:1123-1126); ``<|audio_bos|>`` as input
+    switches speech on (``force_text_abos`` makes it the first token); while speaking, the next input
+    is (text embedding + audio_tower(last group)) / 2 (M:1199-1208); a group holding the speech EOS
+    ends speech and the text token becomes ``<|audio_eos|>``. The caller stops whenever it likes."""
     lm, head = model.language_model, model.audio_invert_tower
     embed = lm.get_input_embeddings()
     text = embed(input_ids)
     out = lm.model(inputs_embeds=model.prompt_embeddings(input_ids, audio_embeds)[None], use_cache=True)
     state = HeadState()
-    trace = S2MTrace([], [], [], [], [], [], [])
     speaking = bool(input_ids[-1] == AUDIO_BOS)
-    for k in range(steps + 1):
+    last_group: list[int] | None = None
+    for k in itertools.count():
         hidden = out.last_hidden_state[0]
-        trace.head_hidden.append(hidden)
-        trace.head_text.append(text)
         codes = head.step(hidden + text, state)
-        trace.codes.append(codes)
-        trace.logits.append(state.logits)
         token = AUDIO_BOS if k == 0 and force_audio_bos else int(lm.lm_head(hidden[-1]).argmax())
+        kept = None
         if speaking:
             if head.eos in codes:
                 codes, token, speaking = [head.eos] * head.group, AUDIO_EOS, False
-            trace.speech.append(codes)
-        trace.text_tokens.append(token)
-        if k == steps:
-            break
+            kept = last_group = codes
+        yield S2MStep(hidden, text, codes, state.logits, token, kept)
         speaking |= token == AUDIO_BOS
         text = embed(torch.tensor([token]))
         x = text
-        if speaking and trace.speech:
-            fed = model.audio_tower.speech_groups(torch.tensor(trace.speech[-1]))[0]
-            trace.feedback.append(fed)
-            x = (text + fed) / 2
+        if speaking and last_group is not None:
+            x = (text + model.audio_tower.speech_groups(torch.tensor(last_group))[0]) / 2
         out = lm.model(inputs_embeds=x[None], past_key_values=out.past_key_values, use_cache=True)
+
+
+@torch.no_grad()
+def s2m_greedy(model: FunAudioChatReference, input_ids: torch.Tensor, audio_embeds: torch.Tensor, steps: int,
+               force_audio_bos: bool = True) -> S2MTrace:
+    """`steps` LLM steps after the prompt of `s2m_steps`, recorded."""
+    trace = S2MTrace([], [], [], [], [], [], [])
+    for k, step in enumerate(s2m_steps(model, input_ids, audio_embeds, force_audio_bos)):
+        trace.head_hidden.append(step.hidden)
+        trace.head_text.append(step.text)
+        trace.codes.append(step.codes)
+        trace.logits.append(step.logits)
+        trace.text_tokens.append(step.token)
+        if step.kept is not None:
+            if trace.speech:  # the group the LLM read back before this step
+                trace.feedback.append(model.audio_tower.speech_groups(torch.tensor(trace.speech[-1]))[0])
+            trace.speech.append(step.kept)
+        if k == steps:
+            break
     return trace
 
 
@@ -303,11 +329,13 @@ def n_params(shapes: dict[str, tuple[int, ...]], prefix: str = "") -> int:
     return sum(math.prod(s) for k, s in shapes.items() if k.startswith(prefix))
 
 
-def materialize_buffers(model: FunAudioChatReference) -> None:
+def materialize_buffers(model: FunAudioChatReference, dtype: torch.dtype = torch.float32) -> None:
     """Recompute the unsaved buffers (positional table, rotary frequencies) of a model built on the
-    meta device, whose parameters were then assigned from a checkpoint."""
+    meta device, whose parameters were then assigned from a checkpoint. The positional table takes the
+    model's `dtype`, as a model cast to bf16 holds it (the rotary frequencies stay f32, as transformers
+    keeps them)."""
     enc = model.continuous_audio_tower
-    enc.register_buffer("positional_embedding", sinusoids(*enc.positional_embedding.shape), persistent=False)
+    enc.register_buffer("positional_embedding", sinusoids(*enc.positional_embedding.shape).to(dtype), persistent=False)
     for name, module in list(model.named_modules()):
         if name.endswith("rotary_emb"):
             owner, _, attr = name.rpartition(".")

@@ -94,8 +94,7 @@ def _llm_metrics(quantized: Bundle, trace: Trace, threads: int | None) -> dict:
 
 def _head_metrics(quantized: Bundle, trace: Trace, ort_opts: SessionOptions, threads: int | None) -> dict:
     """The reference head steps replayed on the quantized head, teacher-forced on the reference codes."""
-    speech = quantized["speech"]
-    spec = HeadSpec(int(speech["bos_id"]), int(speech["eos_id"]), int(speech["group"]), str(speech["precision"]))
+    spec = HeadSpec.from_bundle(quantized)
     cfg = stage_llm_config(quantized, "speech_head")
     n_ctx = spec.group * (sum(len(h) for h, _, _, _ in trace.head_steps) + 1)
     head = SpeechHead(quantized.path, spec, LLMConfig(n_ctx=n_ctx, kv_cache=cfg.kv_cache, flash_attn=cfg.flash_attn,

@@ -20,6 +20,7 @@ from omnilite.cli import main
 from omnilite.quant.presets import ROLE_METRICS, plan_for, tolerance
 from omnilite.runtime.audio import read_wav
 from omnilite.runtime.bundle import MANIFEST, load_bundle
+from omnilite.runtime.fun_audio_chat.speech_head import HeadSpec
 
 QUESTION = Path(omnilite.__file__).parent / "data" / "question.wav"
 TOKENS = 16  # report length: enough for KL and top-1, quick on the tiny
@@ -159,6 +160,8 @@ def test_export_with_a_preset(ckpt, tmp_path, capsys):
     assert main(["export", str(ckpt), str(out), "--preset", "small", "--no-parity", "--report-tokens", str(TOKENS)]) == 0
     m = json.loads((out / MANIFEST).read_text())
     assert {s["name"]: s["precision"] for s in m["stages"]} == SMALL
+    # The runtime reads the head's precision (its cache type) from the stage, which quantizing changed.
+    assert HeadSpec.from_bundle(load_bundle(out)).precision == "Q8_0" and "precision" not in m["speech"]
     q = m["quantization"]
     assert q["source"]["path"] is None and q["accuracy"]["ok"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]  # the unquantized export is gone

@@ -141,7 +141,7 @@ def _manifest(ckpt, vocoder, prompt: AudioPrompt, tmp: Path, options: FunAudioCh
                 "force_text_abos": True, "max_context": text["max_position_embeddings"]},
         "output_tokens": {"audio_token": AUDIO_TOKEN, "audio_bos": AUDIO_BOS, "audio_eos": AUDIO_EOS, "eos": IM_END},
         "speech": {"group": spec.group, "bos_id": spec.bos_id, "eos_id": spec.eos_id, "vocoder_codes": N_CODES,
-                   "precision": spec.precision, "text_embeddings": TEXT_EMBEDDINGS_FILE},
+                   "text_embeddings": TEXT_EMBEDDINGS_FILE},  # the head's precision is its stage's
         "vocoder": {"config": RECORD_FILE, "voice": options.voice, "schedule": options.schedule, "schedules": list(SCHEDULES),
                     "sample_rate": int(voc["audio"]["sample_rate"])},
         "stages": [

@@ -155,7 +155,7 @@ class FunAudioChatPipeline(Pipeline):
         if self.text_embeds.shape != (self.llm.n_vocab, self.llm.n_embd) or self.text_embeds.dtype != np.float32:
             raise BundleError(f"{bundle.file('text_embeddings')} holds {self.text_embeds.dtype} {self.text_embeds.shape}, not the "
                               f"LLM's float32 ({self.llm.n_vocab}, {self.llm.n_embd}) token table; re-export the bundle.")
-        spec = HeadSpec(int(speech["bos_id"]), int(speech["eos_id"]), int(speech["group"]), str(speech["precision"]))
+        spec = HeadSpec.from_bundle(bundle)
         head_stage = stage_llm_config(bundle, "speech_head")
         # The head covers every position of the LLM's cache (5 sub-positions each) at a reply's prefill.
         self.head = SpeechHead(bundle.path, spec, LLMConfig(n_ctx=spec.group * (self.llm.n_ctx + 1), kv_cache=head_stage.kv_cache,

@@ -52,6 +52,13 @@ class HeadSpec:
     def from_record(cls, rec: dict) -> "HeadSpec":
         return cls(int(rec["bos_id"]), int(rec["eos_id"]), int(rec["group"]), str(rec.get("precision", "f32")))
 
+    @classmethod
+    def from_bundle(cls, bundle) -> "HeadSpec":
+        """The manifest's speech ids with the precision of the ``speech_head`` stage itself (a quantized
+        bundle changes the stage, not the speech section)."""
+        speech = bundle["speech"]
+        return cls(int(speech["bos_id"]), int(speech["eos_id"]), int(speech["group"]), bundle.stages["speech_head"].precision)
+
 
 @dataclass(frozen=True)
 class HeadPosition:

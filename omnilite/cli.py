@@ -125,6 +125,13 @@ def _pipeline_config(args, bundle: Path, **fields):
 
         config = dataclasses.replace(as_omni2_config(config), write=args.write or write,
                                      flow=dataclasses.replace(Omni2PipelineConfig().flow, chunk_tokens=args.flow_chunk))
+    sampling = getattr(args, "speech_sampling", "greedy")
+    if family == "fun-audio-chat" and sampling != "greedy":
+        from omnilite.runtime.fun_audio_chat.pipeline import FunAudioChatConfig
+        from omnilite.runtime.fun_audio_chat.sampling import SpeechSampling
+
+        config = FunAudioChatConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                                    speech_sampling=SpeechSampling(seed=getattr(args, "speech_seed", None)))
     return config
 
 
@@ -732,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder", help="LLaMA-Omni2: the CosyVoice2 decoder dir (default: models/cosy2_decoder)")
     s.add_argument("--speaker-wav", help="LLaMA-Omni2 and Step-Audio 2: the voice prompt (official: llama_omni2/inference/prompt_en.wav; "
                                                 "Step-Audio2 assets/default_female.wav)")
-    s.add_argument("--llm-dtype", choices=("f32", "f16"), default="f32")
+    s.add_argument("--llm-dtype", choices=("f32", "f16"), default="f32",
+                   help="the LLM GGUF's type before any --preset (f16 halves it: an 8B release is 16 GB instead of 33)")
     s.add_argument("--omega", type=_whole(1), default=10, help="text tokens per speech-generator chunk")
     s.add_argument("--encoder-mode", type=_encoder_mode, default=None, metavar="MODE",
                    help="the bundle's default encoder mode (default: the fast mode chosen by the encoder drift benchmark; "
@@ -789,6 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
         s.add_argument("-t", "--threads", type=_whole(1), default=None, help="threads for every stage (default: the device profile's)")
         s.add_argument("--profile", help="device profile name or .json: providers, threads, chunk sizes (default: the detected one)")
+        s.add_argument("--speech-sampling", choices=("greedy", "release"), default="greedy",
+                       help="Fun-Audio-Chat: speech codes by argmax (the exact path, default) or sampled as the release does "
+                            "(temperature 0.8, top-p 0.9, repetition penalty 1.2)")
+        s.add_argument("--speech-seed", type=_whole(0), default=None, help="Fun-Audio-Chat: seed of --speech-sampling release")
 
     s = sub.add_parser("run", parents=[common], help="answer a spoken question from a WAV file")
     add_bundle(s)

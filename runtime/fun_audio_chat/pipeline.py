@@ -9,9 +9,9 @@ placeholder count -> audio_input.onnx -> Qwen3 (llama.cpp) with the clip's rows 
   switches speech on; the reply ends at ``<|im_end|>`` (151645) only, the official eos, not at
   llama.cpp's end-of-generation set;
 * the speech head reads the step's final-norm hidden state + the text embedding of the step's input
-  token and writes 5 codes (greedy); while speech is on they are kept, codes 0..6560 go to the
-  vocoder stream, and a group holding the speech EOS ends speech (the text token becomes
-  ``<|audio_eos|>``);
+  token and writes 5 codes (greedy, or sampled as the release does: `FunAudioChatConfig.speech_sampling`);
+  while speech is on they are kept, codes 0..6560 go to the vocoder stream, and a group holding the
+  speech EOS ends speech (the text token becomes ``<|audio_eos|>``);
 * the next LLM input is the sampled token's text embedding, averaged with ``audio_tower`` of the last
   kept group while speech is on ((text + feedback) / 2).
 
@@ -45,6 +45,7 @@ from ..mel import HOP, LogMel
 from ..onnx_session import SessionOptions, open_session
 from ..pipeline import _HIDDEN, _TEXT, Conversation, Pipeline, PipelineConfig, _ReplyState
 from ..turn import TurnInput, WholeTurnStream
+from .sampling import GREEDY, SpeechSampler, SpeechSampling, resolve_speech_sampling
 from .speech_head import HeadSpec, SpeechFeedback, SpeechHead
 from .vocoder import OnnxVocoder, Schedule, VocoderStream
 
@@ -64,7 +65,23 @@ def placeholder_count(n_samples: int) -> int:
 
 @dataclass(frozen=True)
 class FunAudioChatConfig(PipelineConfig):
+    """`speech_sampling`: how the speech head picks its codes (text is greedy either way, as in the
+    release's examples).
+
+    * ``"greedy"`` (the default): argmax codes, the exact path: reproducible and equal to the PyTorch
+      reference's greedy S2M loop (what the parity tests compare). It is the default because a plain
+      `PipelineConfig`, which the CLI and the server build and which has no such field, gets greedy
+      too: a sampling default here would make the two configs answer differently.
+    * ``"release"``: the release's sampling (temperature 0.8, top_p 0.9, top_k 0, repetition penalty
+      1.2 over the reply's speech history; runtime/fun_audio_chat/sampling.py) with fresh entropy; or
+      a `SpeechSampling` with other values and/or a seed (reproducible replies). Use it to listen to
+      real weights: the release's examples and demo always sample speech, and greedy speech codes
+      are prone to loops (repeated sounds) that the penalty and the draw break up (not measured
+      here: no real weights on this machine).
+    """
+
     schedule: str | None = None  # vocoder streaming schedule ("chunk-aligned", "official"); None: the bundle's
+    speech_sampling: str | SpeechSampling = GREEDY  # "greedy", "release" or a SpeechSampling
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,9 @@ class FunAudioChatPipeline(Pipeline):
                                                             n_threads=config.threads_for("speech_generator")),
                                ort_for("speech_generator"))
         self.feedback = SpeechFeedback(bundle.file("speech_feedback"), spec.group, ort_for("speech_generator"))
+        # None: greedy codes. One Generator per pipeline, continued across replies (as torch's global RNG).
+        sampling = resolve_speech_sampling(getattr(config, "speech_sampling", GREEDY))
+        self.speech_sampler = SpeechSampler(sampling) if sampling is not None else None
         voc = OnnxVocoder(bundle.path, ort_for("vocoder"))
         name = getattr(config, "schedule", None) or bundle["vocoder"]["schedule"]
         self.vocoder = _Vocoder(voc, Schedule.named(voc, name))
@@ -260,9 +280,13 @@ class FunAudioChatPipeline(Pipeline):
     def _speak(self, reply, logits: np.ndarray) -> Iterator[tuple[int, object]]:
         clock, state, token, cfg = reply.clock, reply.state, reply.token, self.config
         head, eos = self.head, self.head.spec.eos_id
+        # Sampling: the repetition penalty sees this reply's kept groups (all-EOS for the one that ended
+        # speech), not the codes written before <|audio_bos|> or after speech ended (NOTES.md).
+        history: list[int] = []
+        pick = {} if self.speech_sampler is None else {"choose": self.speech_sampler, "history": history}
         with clock.stage("speech_generator"):
             head.reset()  # as each official generate() call: the head covers this call's whole prompt
-            codes = head.step(*self._head_input(0, self.llm.n_past))
+            codes = head.step(*self._head_input(0, self.llm.n_past), **pick)
         text_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         speaking, last_group = False, None
         for step in range(cfg.max_new_tokens):
@@ -272,6 +296,7 @@ class FunAudioChatPipeline(Pipeline):
                 if eos in codes:  # the official rule: the group becomes all-EOS and the text <|audio_eos|>
                     codes, tok, speaking = [eos] * head.spec.group, self.audio_eos, False
                 last_group = codes
+                history.extend(codes)
                 spoken = [c for c in codes if 0 <= c < self.n_codes]
             state.tokens.append(tok)
             if tok not in self.eos_ids:
@@ -292,7 +317,7 @@ class FunAudioChatPipeline(Pipeline):
             with clock.stage("llm_decode"):
                 logits = self._eval([tok], x[None])
             with clock.stage("speech_generator"):
-                codes = head.step(*self._head_input(self.llm.n_past - 1, self.llm.n_past))
+                codes = head.step(*self._head_input(self.llm.n_past - 1, self.llm.n_past), **pick)
             self._phase(reply, "llm")
         tail = text_decoder.decode(b"", final=True)
         if tail:

@@ -89,7 +89,8 @@ def _stage_record(stage_dir: Path, name: str) -> dict:
 
 
 class SpeechHead:
-    """Writes `group` speech codes per LLM step; greedy unless `choose` is given."""
+    """Writes `group` speech codes per LLM step; greedy unless `choose` is given (e.g. a
+    `sampling.SpeechSampler`, the release's speech sampling)."""
 
     def __init__(self, stage_dir: Path, spec: HeadSpec, llm_config: LLMConfig | None = None,
                  options: SessionOptions = SessionOptions()):
@@ -139,21 +140,25 @@ class SpeechHead:
 
     # --- one LLM step ------------------------------------------------------------------------
 
-    def step(self, hidden: np.ndarray, text_embeds: np.ndarray, choose: Callable[[np.ndarray], int] | None = None) -> list[int]:
+    def step(self, hidden: np.ndarray, text_embeds: np.ndarray,
+             choose: Callable[[np.ndarray, Sequence[int]], int] | None = None, history: Sequence[int] = ()) -> list[int]:
         """`hidden`, `text_embeds`: (T, D) (or (D,)) for the T LLM positions of this step: the prompt at
-        prefill, one position afterwards. Returns `group` codes (the last position's)."""
+        prefill, one position afterwards. Returns `group` codes (the last position's).
+
+        Each code is argmax of its sub-step's logits, or `choose(logits, seen)` with `seen` = `history`
+        (the reply's kept codes) + this step's codes so far: the ids the release's repetition penalty
+        sees (``sampling_step``, export/fun_audio_chat/NOTES.md "Speech sampling")."""
         hidden, text_embeds = (np.atleast_2d(np.asarray(a, dtype=np.float32)) for a in (hidden, text_embeds))
         if hidden.shape != text_embeds.shape or hidden.ndim != 2 or hidden.shape[1] != self.width or not len(hidden):
             raise OmniliteError(f"the speech head needs hidden states and text embeddings of the same shape (T, {self.width}), "
                                 f"got {hidden.shape} and {text_embeds.shape}; pass the LLM's final-norm rows and its input tokens' embeddings.")
         rows = self._input.run(None, {"hidden": hidden, "text_embeds": text_embeds})[0]
-        choose = choose or (lambda logits: int(np.argmax(logits)))
         codes, logits = [], []
         prev = self._prev
         for i in range(self.spec.group):
             x = rows[sub_step_rows(len(rows), self.spec.group, i)] + self._codes[prev]
             lo, _ = self.lm.eval_embeddings(x, want_last=True)
-            prev = int(choose(lo))
+            prev = int(np.argmax(lo)) if choose is None else int(choose(lo, [*history, *codes]))
             codes.append(prev)
             logits.append(lo)
         self._prev = prev

@@ -210,3 +210,22 @@ def test_bf16_reference_runs_the_encoder_in_bf16(fac_root):
     with torch.no_grad():
         out = ref.user_audio_embeddings(torch.randn(128, 300).to(torch.bfloat16), 48000)
     assert out.dtype == torch.bfloat16 and out.shape == (15, ref.language_model.config.hidden_size)
+
+
+def test_audio_input_weights_in_a_side_file_belong_to_the_stage(fac_root, tmp_path, monkeypatch):
+    """At the real shape the fp32 audio input stage (2.6 GB) keeps its weights in `audio_input.onnx.data`:
+    the bundle hashes it with the stage, and a bundle without it is refused in one sentence."""
+    import omnilite.export.fun_audio_chat.export as fac_export
+    from omnilite.export.fun_audio_chat.bundle import FunAudioChatExportOptions, export_fun_audio_chat
+    from omnilite.runtime.bundle import load_bundle
+    from omnilite.runtime.errors import BundleError
+
+    real = fac_export.export_onnx
+    monkeypatch.setattr(fac_export, "export_onnx", lambda *a, **k: real(*a, **k, external_threshold=1 << 12))
+    out = export_fun_audio_chat(fac_root, tmp_path / "b", FunAudioChatExportOptions(parity=False))
+    stage = load_bundle(out).stages["audio_input"]
+    assert list(stage.extra_files) == ["audio_input.onnx.data"]
+    assert stage.extra_files["audio_input.onnx.data"] == sha256_file(out / "audio_input.onnx.data")
+    (out / "audio_input.onnx.data").unlink()
+    with pytest.raises(BundleError, match="audio_input.onnx.data"):
+        load_bundle(out)

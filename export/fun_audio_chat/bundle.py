@@ -40,7 +40,7 @@ from ..bundle_dir import building_dir, record_parity
 from ..onnx_export import io_shapes
 from .checkpoint import open_cosyvoice3, open_fun_audio_chat
 from .config import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, FAMILY, IM_END, MODEL_TYPE, N_CODES, SPK2INFO_VOICE
-from .export import AUDIO_INPUT_FILE, LLM_FILE, check_llm_dtype, write_model_stages
+from .export import AUDIO_INPUT_FILE, LLM_FILE, check_llm_dtype, onnx_side_files, write_model_stages
 from .prompt import AudioPrompt, _tokenizer
 from .speech_head import head_spec
 from .vocoder_stage import write_vocoder_stages
@@ -105,6 +105,7 @@ def _stage(tmp: Path, name: str, file: str, n_embd: int, precision: str = "fp32"
     outputs: dict = {}
     if fmt == "onnx":
         inputs, outputs = io_shapes(tmp / file)
+        extra["side"] = extra.get("side") or onnx_side_files(tmp, file)
     elif fmt == "gguf":
         inputs, outputs = {"tokens_or_embeddings": ["n", n_embd]}, {"logits_and_hidden": ["n", "vocab+hidden"]}
         extra.setdefault("flash_attn", default_flash_attn(precision))

@@ -111,10 +111,16 @@ def _summary(stage: dict) -> dict:
     return {k: v for k, v in stage.items() if not isinstance(v, (list, dict))}
 
 
+def onnx_side_files(folder: Path, file: str) -> list[str]:
+    """The external-data file `export_onnx` writes beside a model over 2 GB (the real shape's audio
+    input stage, 2.6 GB in fp32): a part of the stage, hashed and carried with it."""
+    return [file + ".data"] if (folder / (file + ".data")).exists() else []
+
+
 def _onnx_stage(tmp: Path, name: str, file: str) -> dict:
     onnx_in, onnx_out = io_shapes(tmp / file)
     return {"name": name, "file": file, "format": "onnx", "precision": "fp32", "sha256": sha256_file(tmp / file),
-            "inputs": onnx_in, "outputs": onnx_out}
+            "inputs": onnx_in, "outputs": onnx_out, "extra_files": {f: sha256_file(tmp / f) for f in onnx_side_files(tmp, file)}}
 
 
 def _stages_record(ckpt: FunAudioChatCheckpoint, prompt: AudioPrompt, tmp: Path, report: dict, llm_dtype: str) -> dict:

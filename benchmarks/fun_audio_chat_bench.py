@@ -29,29 +29,22 @@ line of an existing markdown file is kept); ``--from-json`` re-renders the markd
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import logging
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from omnilite.devices.host import describe_cpu
-from omnilite.runtime.audio import atomic_write_bytes
 
-from .baseline import plan_baseline, torch_bf16_view
 from .memory import peak_rss_bytes, reset_peak_rss
-from .report import write_markdown_keeping_notes
-from .turn_stats import available_gb, bundle_sizes, busy_before, first_last, load_avg, percentile, stats
+from .family_bench import arguments, run
+from .turn_stats import busy_before, first_last, percentile, stats
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "omnilite.bench.fun_audio_chat/1"
-RESULTS = Path(__file__).parent / "results"
 FAMILY = "fun-audio-chat"
 STAGES = ("mel", "encoder", "llm_prefill", "llm_decode", "speech_generator", "vocoder")
 MODES = ("sequential", "overlapped")
@@ -119,8 +112,7 @@ def omnilite_turns(bundle: Path, audio: np.ndarray, steps: int, runs: int, setti
         shape = pipe.llm.shape()
         hop = {name: [s.hop_tokens, s.lookahead_tokens, s.chunk_frames] for name, s in schedules.items()}
     finally:
-        pipe.close()
-        del pipe
+        pipe.close()  # its memory goes when this function returns, before the baseline loads
         gc.collect()
     result: dict = {"load_s": load_s, "peak_rss_gb": peak, "llm_shape": shape, "steps": steps, "runs": runs,
                     "schedules": hop, "default_schedule": load_default_schedule(bundle), "turns": {}}
@@ -284,92 +276,17 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("bundle", type=Path, nargs="?")
-    ap.add_argument("--checkpoint", type=Path, help="the release the bundle came from (for the PyTorch reference)")
-    ap.add_argument("--question", type=Path, default=Path(__file__).parent / "data" / "speech" / "s08.wav",
-                    help="the spoken question (default: a 3.06 s question from the committed speech set)")
-    ap.add_argument("--name", default="bench")
+    ap = arguments(__doc__.split("\n")[0], runs=1)
     ap.add_argument("--steps", type=int, default=40, help="LLM steps per reply (5 speech codes, 0.2 s of audio, each)")
-    ap.add_argument("--runs", type=int, default=1, help="warm omnilite turns per schedule and driver")
-    ap.add_argument("--torch-runs", type=int, default=1, help="warm PyTorch answers per precision")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    ap.add_argument("--from-json", type=Path)
-    ap.add_argument("--torch-only", action="store_true",
-                    help="keep the omnilite part of an existing result (same --name) and run only the PyTorch reference")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.from_json:
-        write_markdown_keeping_notes(args.from_json.with_suffix(".md"), markdown(json.loads(args.from_json.read_text())))
-        return 0
-    if args.bundle is None:
-        ap.error("a bundle is needed (or --from-json)")
 
-    import llama_cpp
-    import onnxruntime
-
-    from omnilite import __version__
-    from omnilite.devices.host import detect_host
-    from omnilite.devices.profiles import choose_profile, pipeline_settings
-    from omnilite.runtime.audio import prepare_speech, read_wav
-    host = detect_host()
-    profile, reason = choose_profile(args.profile, host)
-    settings = pipeline_settings(profile, host, FAMILY)
-    settings.pop("omega")  # the family decodes 5 codes per LLM step
-    wav, rate = read_wav(args.question)
-    audio = prepare_speech(wav, rate, 16000)
-    result: dict = {
-        "schema": SCHEMA, "name": args.name, "argv": argv if argv is not None else sys.argv[1:],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": {"omnilite": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                     "onnxruntime": onnxruntime.__version__, "llama_cpp_python": llama_cpp.__version__},
-        "host": {"cpu": host.cpu_model, "cores": host.physical_cores, "ram_gb": host.ram_gb, "profile": profile.name,
-                 "profile_reason": reason, "stage_threads": settings["stage_threads"], "cpu_record": host.cpu_record()},
-        "bundle": bundle_sizes(args.bundle), "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "question": str(args.question), "question_s": len(audio) / 16000,
-        "load": {"start": load_avg()}, "not_run": [],
-    }
-    out = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"fun-audio-chat-{args.name}.json", out / f"fun-audio-chat-{args.name}.md"
-    if args.torch_only:
-        kept = json.loads(json_path.read_text())
-        result.update({k: kept[k] for k in ("omnilite", "created", "versions")}, load={**kept["load"], "torch_start": load_avg()},
-                      torch_process="a second process after the omnilite one")
-    else:
-        result["omnilite"] = omnilite_turns(args.bundle, audio, args.steps, args.runs, settings)
-        result["load"]["after_omnilite"] = load_avg()
-        # Written now, so a baseline that runs out of memory (an 8B bf16 model on a small host) loses nothing.
-        atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())
-    if args.checkpoint:
-        plan = plan_baseline(host, torch_bf16_view())  # imports torch: after omnilite
-        threads = profile.threads_for("llm", host)
-        result["host"]["torch_threads"] = threads
-        result["torch_plan"] = plan.to_dict()
+    def torch_answer(precision: str, threads: int, audio: np.ndarray, result: dict) -> dict:
         hop, lookahead, _ = result["omnilite"]["schedules"]["official"]
-        n_params = result["omnilite"]["llm_shape"]["n_params"]
-        result["host"]["available_gb_before_torch"] = available_gb()
-        by_precision = {}
-        for precision in plan.precisions:
-            need, free = n_params * (2 if precision == "bf16" else 4) / 2**30, available_gb()
-            if need > 0.9 * free - 1:
-                result["not_run"].append(f"PyTorch {precision}: its LLM weights alone are {need:.1f} GB and {free:.1f} GB "
-                                         "of memory was free, so it was not loaded")
-                continue
-            by_precision[precision] = torch_first_audio(args.checkpoint, args.bundle, audio, args.torch_runs, threads,
-                                                        precision, hop, lookahead)
-            gc.collect()
-        if by_precision:  # the ratios use the faster precision
-            result["torch"] = min(by_precision.values(), key=lambda x: x["ttfa"]["p50"])
-            result["torch_by_precision"] = by_precision
-        result["load"]["after_torch"] = load_avg()
-    else:
-        result["not_run"].append("PyTorch reference: no --checkpoint given")
-    atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())
-    write_markdown_keeping_notes(md_path, markdown(result))
-    print(md_path.read_text())
-    return 0
+        return torch_first_audio(args.checkpoint, args.bundle, audio, args.torch_runs, threads, precision, hop, lookahead)
+
+    return run(args, argv, schema=SCHEMA, family=FAMILY, prefix="fun-audio-chat", markdown=markdown, keep=(),
+               omnilite=lambda settings, audio: {"omnilite": omnilite_turns(args.bundle, audio, args.steps, args.runs, settings)},
+               torch_answer=torch_answer)
 
 
 if __name__ == "__main__":

@@ -27,35 +27,25 @@ an existing markdown file is kept); ``--from-json`` re-renders the markdown of a
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import logging
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from omnilite.devices.host import describe_cpu
-from omnilite.runtime.audio import atomic_write_bytes
 
-from .baseline import plan_baseline, torch_bf16_view
+from .family_bench import arguments, run
 from .memory import peak_rss_bytes, reset_peak_rss
-from .report import write_markdown_keeping_notes
-from .turn_stats import available_gb as _available_gb
 from .turn_stats import busy_before as _busy_before
-from .turn_stats import bundle_sizes as bundle_info
 from .turn_stats import first_last as _first_last
-from .turn_stats import load_avg as _load_avg
 from .turn_stats import percentile as _p
 from .turn_stats import stats as _stats
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "omnilite.bench.step_audio2/1"
-RESULTS = Path(__file__).parent / "results"
 CHUNK = 5  # ids per interleave chunk: 1 text + 4 audio
 REPLY_TEXT = "Sure. Here is a short answer to your question, spoken while it is written."
 OMNI_STAGES = ("mel", "encoder", "llm_prefill", "llm_decode", "flow", "hift")
@@ -157,8 +147,7 @@ def omnilite_turns(bundle: Path, audio: np.ndarray, n_reply: int, runs: int, set
         peak = peak_rss_bytes() / 2**30
         shape = pipe.llm.shape()
     finally:
-        pipe.close()
-        del pipe
+        pipe.close()  # its memory goes when this function returns, before the baseline loads
         gc.collect()
     seq = done["sequential"]
     first = seq[0]
@@ -356,101 +345,19 @@ def markdown(r: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_markdown(result: dict, path: Path) -> None:
-    write_markdown_keeping_notes(path, markdown(result))
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("bundle", type=Path, nargs="?")
-    ap.add_argument("--checkpoint", type=Path, help="the release the bundle came from (for the PyTorch reference)")
-    ap.add_argument("--question", type=Path, default=Path(__file__).parent / "data" / "speech" / "s08.wav",
-                    help="the spoken question (default: a 3.06 s question from the committed speech set)")
-    ap.add_argument("--name", default="bench")
+    ap = arguments(__doc__.split("\n")[0], runs=2)
     ap.add_argument("--reply", type=int, default=100, help="reply ids (1:4 interleave; 35 hold the first flow window)")
-    ap.add_argument("--runs", type=int, default=2, help="warm omnilite turns per mode")
-    ap.add_argument("--torch-runs", type=int, default=1, help="warm PyTorch answers per precision")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    ap.add_argument("--from-json", type=Path)
-    ap.add_argument("--torch-only", action="store_true",
-                    help="keep the omnilite part of an existing result (same --name) and run only the PyTorch reference "
-                         "(when the first run's process was killed for memory while loading it)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.from_json:
-        write_markdown(json.loads(args.from_json.read_text()), args.from_json.with_suffix(".md"))
-        return 0
-    if args.bundle is None:
-        ap.error("a bundle is needed (or --from-json)")
 
-    import llama_cpp
-    import onnxruntime
+    def turns(settings: dict, audio: np.ndarray) -> dict:
+        omni, script = omnilite_turns(args.bundle, audio, args.reply, args.runs, settings)
+        log.info("omnilite: TTFA p50 %.2f s (overlapped)", omni["overlapped"]["ttfa"]["p50"])
+        return {"omnilite": omni, "script": script}
 
-    from omnilite import __version__
-    from omnilite.devices.host import detect_host
-    from omnilite.devices.profiles import choose_profile, pipeline_settings
-    from omnilite.runtime.audio import prepare_speech, read_wav
-
-    host = detect_host()
-    profile, reason = choose_profile(args.profile, host)
-    settings = pipeline_settings(profile, host, "step-audio2")
-    settings.pop("omega")  # the bundle's hand-off (5 ids: one interleave chunk)
-    wav, rate = read_wav(args.question)
-    audio = prepare_speech(wav, rate, 16000)
-    result: dict = {
-        "schema": SCHEMA, "name": args.name, "argv": argv if argv is not None else sys.argv[1:],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": {"omnilite": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                     "onnxruntime": onnxruntime.__version__, "llama_cpp_python": llama_cpp.__version__},
-        "host": {"cpu": host.cpu_model, "cores": host.physical_cores, "ram_gb": host.ram_gb, "profile": profile.name,
-                 "profile_reason": reason, "stage_threads": settings["stage_threads"], "cpu_record": host.cpu_record()},
-        "bundle": bundle_info(args.bundle), "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "question": str(args.question), "question_s": len(audio) / 16000, "runs": args.runs,
-        "load": {"start": _load_avg()}, "not_run": [],
-    }
-    out = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"step-audio2-{args.name}.json", out / f"step-audio2-{args.name}.md"
-    if args.torch_only:
-        kept = json.loads(json_path.read_text())
-        result.update({k: kept[k] for k in ("omnilite", "script", "created", "versions")},
-                      load={**kept["load"], "torch_start": _load_avg()},
-                      torch_process="a second process after the omnilite one (the first was killed loading PyTorch)")
-    else:
-        result["omnilite"], result["script"] = omnilite_turns(args.bundle, audio, args.reply, args.runs, settings)
-        result["load"]["after_omnilite"] = _load_avg()
-        log.info("omnilite: TTFA p50 %.2f s (overlapped)", result["omnilite"]["overlapped"]["ttfa"]["p50"])
-        # Written now too, so a baseline that runs out of memory (a 7B bf16 model on a small host) loses nothing.
-        atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())
-    if args.checkpoint:
-        plan = plan_baseline(host, torch_bf16_view())  # imports torch: after omnilite
-        threads = profile.threads_for("llm", host)
-        result["host"]["torch_threads"] = threads
-        result["torch_plan"] = plan.to_dict()
-        n_params = result["omnilite"]["llm_shape"]["n_params"]
-        avail = _available_gb()
-        result["host"]["available_gb_before_torch"] = avail
-        by_precision = {}
-        for precision in plan.precisions:
-            need, free = n_params * (2 if precision == "bf16" else 4) / 2**30, _available_gb()
-            if need > 0.9 * free - 1:
-                result["not_run"].append(f"PyTorch {precision}: its LLM weights alone are {need:.1f} GB and {free:.1f} GB "
-                                         "of memory was free, so it was not loaded")
-                continue
-            by_precision[precision] = torch_first_audio(args.checkpoint, args.bundle, audio, args.reply,
-                                                        args.torch_runs, threads, precision)
-            gc.collect()
-        if by_precision:  # the ratios use the faster precision
-            result["torch"] = min(by_precision.values(), key=lambda x: x["ttfa"]["p50"])
-            result["torch_by_precision"] = by_precision
-        result["load"]["after_torch"] = _load_avg()
-    else:
-        result["not_run"].append("PyTorch reference: no --checkpoint given")
-    atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())
-    write_markdown(result, md_path)
-    print(md_path.read_text())
-    return 0
+    return run(args, argv, schema=SCHEMA, family="step-audio2", prefix="step-audio2", markdown=markdown, keep=("script",),
+               omnilite=turns, torch_answer=lambda precision, threads, audio, _: torch_first_audio(
+                   args.checkpoint, args.bundle, audio, args.reply, args.torch_runs, threads, precision))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def _head_metrics(quantized: Bundle, trace: Trace, ort_opts: SessionOptions, thr
         test = []
         for hidden, text, _, codes in trace.head_steps:
             forced = iter(codes)
-            head.step(hidden, text, lambda _lo: next(forced))
+            head.step(hidden, text, lambda _lo, _seen: next(forced))
             test.append(head.logits)
     finally:
         head.close()

@@ -40,9 +40,10 @@ FAMILY_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
                     "vocoder": ("hift",)},
     # Fun-Audio-Chat: encoder = the audio input stage (audio encoder + adapter), llm, tts = the
     # speech head (a GGUF LM writing 5 codes per LLM step; capped at Q8_0, see FAMILY_CAPS), flow
-    # (CosyVoice3 flow: encoder + estimator), vocoder (causal HiFT).
+    # (CosyVoice3 flow: encoder + estimator, and the estimator's cached form for the chunk-aligned
+    # stream), vocoder (causal HiFT).
     "fun-audio-chat": {"encoder": ("audio_input",), "llm": ("llm",), "tts": ("speech_head",),
-                       "flow": ("flow_encoder", "flow_estimator"), "vocoder": ("hift",)},
+                       "flow": ("flow_encoder", "flow_estimator", "flow_estimator_cached"), "vocoder": ("hift",)},
 }
 # Family -> role -> the lowest precision a preset gives it (an explicit --ROLE still wins). The
 # Fun-Audio-Chat speech head's codes are heard and fed back into the LLM's next input, and no trained

@@ -26,7 +26,8 @@ QUESTION = Path(omnilite.__file__).parent / "data" / "question.wav"
 TOKENS = 16  # report length: enough for KL and top-1, quick on the tiny
 FLOAT = {"text_embeddings": "fp32", "speech_head_input": "fp32", "speech_head_codes": "fp32", "speech_feedback": "fp32",
          "flow_noise": "fp32", "hift_f0": "fp32", "hift": "fp32", "vocoder_config": "fp32"}
-SMALL = {"audio_input": "int4", "llm": "Q4_K_M", "speech_head": "Q8_0", "flow_encoder": "int8", "flow_estimator": "int8", **FLOAT}
+SMALL = {"audio_input": "int4", "llm": "Q4_K_M", "speech_head": "Q8_0", "flow_encoder": "int8", "flow_estimator": "int8",
+         "flow_estimator_cached": "int8", **FLOAT}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,8 @@ def test_small_writes_the_stated_precisions(small, fp32):
     assert plan_for("small", {"tts": "Q4_K_M"}, "fun-audio-chat").tts == "Q4_K_M"
     assert plan_for("balanced", None, "fun-audio-chat").tts == "Q8_0"
     assert "MatMulNBits" in _ops(small / "audio_input.onnx")
-    assert _ops(small / "flow_estimator.onnx") & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}
+    for flow in ("flow_estimator.onnx", "flow_estimator_cached.onnx"):  # the chunk-aligned stream runs the cached one
+        assert _ops(small / flow) & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}, flow
     # CosyVoice3's flow encoder is a token embedding and the pre-lookahead convolutions: no MatMul to quantize.
     assert q["stages"]["flow_encoder"]["quantized_ops"] == {}
     assert q["stages"]["llm"]["size_ratio"] < 0.5 and q["stages"]["speech_head"]["size_ratio"] < 0.5

@@ -252,7 +252,8 @@ def test_export_writes_the_stages_and_meets_every_threshold(exported):
     for stage in record["stages"]:
         assert sha256_file(out / stage["file"]) == stage["sha256"]
         assert all(sha256_file(out / f) == h for f, h in stage.get("extra_files", {}).items())
-    assert {s["name"] for s in record["stages"]} == {"flow_encoder", "flow_estimator", "flow_noise", "hift_f0", "hift"}
+    assert {s["name"] for s in record["stages"]} == {"flow_encoder", "flow_estimator", "flow_estimator_cached", "flow_noise", "hift_f0",
+                                                    "hift"}
     assert report["flow"]["max_abs"] <= 1e-3
     assert report["hift"]["snr_db"] >= 40
     assert report["stream_vs_reference"]["snr_db"] >= 40 and report["stream_vs_reference"]["hop_tokens"] == 15

@@ -81,8 +81,10 @@ class _Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim_head, 2).float() / dim_head)))
 
-    def cos_sin(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq[None]
+    def cos_sin(self, n: int, start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotations of positions start .. start + n - 1."""
+        pos = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device) + start
+        freqs = pos[:, None] * self.inv_freq[None]
         freqs = torch.stack([freqs, freqs], dim=-1).reshape(n, -1)  # each frequency twice, interleaved
         return freqs.cos(), freqs.sin()
 
@@ -117,6 +119,22 @@ class _Attention(nn.Module):
         scores = torch.matmul(heads(q), heads(k).transpose(-2, -1)) / math.sqrt(self.dim_head) + bias[:, None]
         out = torch.matmul(torch.softmax(scores, dim=-1), heads(v)).transpose(1, 2).reshape(b, n, -1)
         return self.to_out[0](out) * keep  # padded positions zeroed, as the official processor does
+
+    def forward_cached(self, x, bias, cos, sin, past_k, past_v):
+        """New frames x (B, n, D) attending to the cached keys / values (B, P, inner) of earlier frames
+        (keys already rotated at their absolute positions) and to each other; bias (n, P + n).
+        Returns the output and this call's keys / values (B, n, inner), to append to the cache."""
+        b, n, _ = x.shape
+        q, k_new = _rotate(self.to_q(x), cos, sin), _rotate(self.to_k(x), cos, sin)
+        v_new = self.to_v(x)
+        k, v = torch.cat([past_k, k_new], dim=1), torch.cat([past_v, v_new], dim=1)
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(b, y.shape[1], self.heads, self.dim_head).transpose(1, 2)
+
+        scores = torch.matmul(heads(q), heads(k).transpose(-2, -1)) / math.sqrt(self.dim_head) + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), heads(v)).transpose(1, 2).reshape(b, n, -1)
+        return self.to_out[0](out), k_new, v_new
 
 
 class _AdaLNLinear(nn.Module):
@@ -154,6 +172,14 @@ class DiTBlock(nn.Module):
         h = _layer_norm(x, self.dim) * (1 + scale_m[:, None]) + shift_m[:, None]
         return x + gate_m[:, None] * self.ff(h)
 
+    def forward_cached(self, x, temb, bias, cos, sin, past_k, past_v):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.attn_norm.linear(F.silu(temb)).chunk(6, dim=1)
+        h = _layer_norm(x, self.dim) * (1 + scale_a[:, None]) + shift_a[:, None]
+        a, k, v = self.attn.forward_cached(h, bias, cos, sin, past_k, past_v)
+        x = x + gate_a[:, None] * a
+        h = _layer_norm(x, self.dim) * (1 + scale_m[:, None]) + shift_m[:, None]
+        return x + gate_m[:, None] * self.ff(h), k, v
+
 
 class _TimeEmbed(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
@@ -178,6 +204,16 @@ class _ConvPos(nn.Module):
         y = self.conv1(F.pad(x.transpose(1, 2), (self.kernel - 1, 0)))
         return self.conv2(F.pad(y, (self.kernel - 1, 0))).transpose(1, 2)
 
+    def forward_cached(self, x, ctx1, ctx2):
+        """x (B, n, D) after the (kernel - 1) frames of each conv's input before it, ctx1 / ctx2
+        (B, kernel - 1, D) (zeros at the start: the left padding). Returns the output and the new
+        contexts (the last kernel - 1 frames of each conv's input)."""
+        a = torch.cat([ctx1, x], dim=1)
+        y = self.conv1(a.transpose(1, 2)).transpose(1, 2)
+        b = torch.cat([ctx2, y], dim=1)
+        k = self.kernel - 1
+        return self.conv2(b.transpose(1, 2)).transpose(1, 2), a[:, a.shape[1] - k:], b[:, b.shape[1] - k:]
+
 
 class _InputEmbed(nn.Module):
     def __init__(self, mel: int, mu: int, spk: int, dim: int):
@@ -188,6 +224,11 @@ class _InputEmbed(nn.Module):
     def forward(self, x, cond, mu, spks):
         h = self.proj(torch.cat([x, cond, mu, spks[:, None, :].expand(-1, x.shape[1], -1)], dim=-1))
         return self.conv_pos_embed(h) + h
+
+    def forward_cached(self, x, cond, mu, spks, ctx1, ctx2):
+        h = self.proj(torch.cat([x, cond, mu, spks[:, None, :].expand(-1, x.shape[1], -1)], dim=-1))
+        p, ctx1, ctx2 = self.conv_pos_embed.forward_cached(h, ctx1, ctx2)
+        return p + h, ctx1, ctx2
 
 
 class DiT(nn.Module):
@@ -221,6 +262,34 @@ class DiT(nn.Module):
         scale, shift = self.norm_out.linear(F.silu(temb)).chunk(2, dim=1)
         h = _layer_norm(h, self.dim) * (1 + scale[:, None]) + shift[:, None]
         return self.proj_out(h).transpose(1, 2)
+
+    def forward_cached(self, x, mu, t, spks, cond, past_k, past_v, ctx1, ctx2, chunk_frames):
+        """The estimator on the frames after P earlier ones whose attention is closed (block-causal chunk
+        attention with P a multiple of `chunk_frames`: they never see these frames), no padding.
+
+        x, mu, cond (B, 80, n); past_k / past_v (depth, B, P, inner): the earlier frames' keys (rotated
+        at their absolute positions) and values; ctx1 / ctx2 (B, 30, D): the last inputs of the two
+        position convs (zeros when P = 0). Returns the velocity (B, 80, n), this call's keys and values
+        (depth, B, n, inner) and the new conv contexts. With P = 0 and zero contexts it is `forward`
+        with chunk attention (and full attention for chunk_frames >= n)."""
+        x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
+        temb = self.time_embed(t)
+        h, ctx1, ctx2 = self.input_embed.forward_cached(x, cond, mu, spks, ctx1, ctx2)
+        n, p = h.shape[1], past_k.shape[2]
+        q_pos = torch.arange(n, device=h.device) + p  # absolute frame indices
+        k_pos = torch.arange(p + n, device=h.device)
+        ends = (torch.div(q_pos, chunk_frames, rounding_mode="floor") + 1) * chunk_frames
+        allowed = k_pos[None, :] < ends[:, None]
+        bias = (1.0 - allowed.to(h.dtype)) * torch.finfo(h.dtype).min
+        cos, sin = self.rotary_embed.cos_sin(n, p)
+        ks, vs = [], []
+        for i, block in enumerate(self.transformer_blocks):
+            h, k, v = block.forward_cached(h, temb, bias, cos, sin, past_k[i], past_v[i])
+            ks.append(k)
+            vs.append(v)
+        scale, shift = self.norm_out.linear(F.silu(temb)).chunk(2, dim=1)
+        h = _layer_norm(h, self.dim) * (1 + scale[:, None]) + shift[:, None]
+        return self.proj_out(h).transpose(1, 2), torch.stack(ks), torch.stack(vs), ctx1, ctx2
 
 
 class _CFM(nn.Module):
@@ -282,12 +351,70 @@ class CausalMaskedDiffWithDiT(nn.Module):
                 dt = span[step + 1] - t
         return x
 
+    def solve_cached(self, mu: torch.Tensor, spks: torch.Tensor, cache: "FlowCache", chunk_frames: int) -> torch.Tensor:
+        """`solve` for the frames after the `cache.frames` already solved (a multiple of `chunk_frames`):
+        mu (1, 80, n) of the new frames only; the cache (per Euler step and CFG half: every DiT layer's
+        keys / values, the position convs' last inputs) grows by these frames. Equals the new frames of
+        `solve` over all frames with chunk attention, at a cost independent of the frames before."""
+        n, p = mu.shape[-1], cache.frames
+        if p % chunk_frames:
+            raise ValueError(f"a cached solve needs whole chunks before it; {p} frames are not a multiple of {chunk_frames}")
+        if p + n > self.noise.shape[-1]:
+            raise ValueError(f"{p + n} mel frames exceed the flow's fixed noise of {self.noise.shape[-1]} frames (300 s)")
+        span = cosine_span(self.c.n_timesteps, self.c.t_scheduler)
+        x = self.noise[:, :, p:p + n]  # the noise of these frames' absolute indices
+        est, r = self.decoder.estimator, self.c.inference_cfg_rate
+        mu_in, spks_in, cond_in = torch.cat([mu, torch.zeros_like(mu)]), torch.cat([spks, torch.zeros_like(spks)]), torch.zeros(2, mu.shape[1], n)
+        chunk = torch.tensor(chunk_frames)
+        t, dt = span[0], span[1] - span[0]
+        for step in range(1, len(span)):
+            k, v, c1, c2 = cache.step(step - 1, est)
+            v_, k_new, v_new, c1, c2 = est.forward_cached(torch.cat([x, x]), mu_in, t.repeat(2), spks_in, cond_in, k, v, c1, c2, chunk)
+            cache.update(step - 1, torch.cat([k, k_new], dim=2), torch.cat([v, v_new], dim=2), c1, c2)
+            x = x + dt * ((1.0 + r) * v_[:1] - r * v_[1:])
+            t = t + dt
+            if step < len(span) - 1:
+                dt = span[step + 1] - t
+        cache.frames = p + n
+        return x
+
     @torch.no_grad()
     def inference(self, tokens: torch.Tensor, embedding: torch.Tensor, finalize: bool = True, streaming: bool = False) -> torch.Tensor:
         """Official ``inference`` without prompt speech: (1, T) tokens, (1, 192) embedding -> (1, 80, frames)."""
         mu = self.mu(tokens, finalize)
         chunk = self.c.static_chunk_size if streaming else None
         return self.solve(mu, self.speaker(embedding), chunk)
+
+
+class FlowCache:
+    """What a cached solve keeps per Euler step (CFG halves batched): keys / values (depth, 2, P, inner)
+    and the two position convs' last (kernel - 1) inputs (2, kernel - 1, D)."""
+
+    def __init__(self):
+        self.frames = 0
+        self.steps: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def step(self, i: int, est: "DiT") -> tuple[torch.Tensor, ...]:
+        if i not in self.steps:
+            blk = est.transformer_blocks[0].attn
+            inner, d, k = blk.heads * blk.dim_head, est.dim, est.input_embed.conv_pos_embed.kernel - 1
+            empty = torch.zeros(len(est.transformer_blocks), 2, 0, inner)
+            return empty, empty, torch.zeros(2, k, d), torch.zeros(2, k, d)
+        return self.steps[i]
+
+    def update(self, i: int, *state: torch.Tensor) -> None:
+        self.steps[i] = state
+
+
+@torch.no_grad()
+def mu_window(flow: CausalMaskedDiffWithDiT, tokens: list[int], start: int, finalize: bool) -> torch.Tensor:
+    """mu of the frames of tokens[start:] (without the lookahead tokens' unless `finalize`), from the
+    tokens from start - (conv2 kernel - 1) on: the pre-lookahead conv's left receptive field, so it
+    equals the slice of `mu` over all tokens."""
+    left = flow.pre_lookahead_layer.conv2.kernel_size[0] - 1
+    lo = max(0, start - left)
+    mu = flow.mu(torch.tensor([tokens[lo:]]), finalize)
+    return mu[:, :, (start - lo) * flow.c.token_mel_ratio:]
 
 
 # ----------------------------------------------------------------------------- causal HiFT
@@ -491,6 +618,17 @@ class EstimatorStage(nn.Module):
 
     def forward(self, x, mask, mu, t, spks, cond, chunk_frames: torch.Tensor) -> torch.Tensor:
         return self.estimator(x, mask, mu, t, spks, cond, chunk_frames)
+
+
+class CachedEstimatorStage(nn.Module):
+    """`DiT.forward_cached`: the new frames after P cached ones (chunk attention, P whole chunks)."""
+
+    def __init__(self, flow: CausalMaskedDiffWithDiT):
+        super().__init__()
+        self.estimator = flow.decoder.estimator
+
+    def forward(self, x, mu, t, spks, cond, past_k, past_v, conv1_context, conv2_context, chunk_frames):
+        return self.estimator.forward_cached(x, mu, t, spks, cond, past_k, past_v, conv1_context, conv2_context, chunk_frames)
 
 
 class F0Stage(HiFTF0):

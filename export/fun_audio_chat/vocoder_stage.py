@@ -11,6 +11,12 @@ Files written (atomically, through ``bundle_dir.building_dir``):
 * ``flow_estimator.onnx`` the DiT with the official inputs (x, mask, mu, t, spks, cond) plus
                           ``chunk_frames`` (attention chunk; >= the frame count = full attention, which
                           is what Fun-Audio-Chat's ``streaming=False`` calls use)
+* ``flow_estimator_cached.onnx`` the same DiT on the new frames of a chunk-attention solve only: x, mu,
+                          cond (2, 80, n), t, spks, the earlier frames' per-layer keys / values
+                          ``past_k`` / ``past_v`` (depth, 2, P, inner; P whole chunks) and the position
+                          convs' last inputs ``conv1_context`` / ``conv2_context`` (2, 30, D), plus
+                          ``chunk_frames`` -> velocity and the new frames' ``new_k`` / ``new_v`` and
+                          contexts: the chunk-aligned stream solves each chunk once (linear in the reply)
 * ``flow_noise.npy``      the flow's fixed initial noise (80 x 15000)
 * ``hift_f0.onnx``        the causal f0 predictor, mel (1, 80, T) -> f0 (1, T) (zeros past the end)
 * ``hift.onnx``           the causal HiFT decode, mel + source -> audio (zeros past the end)
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from omnilite.runtime.errors import OmniliteError
-from omnilite.runtime.fun_audio_chat.vocoder import RECORD_FILE, SOURCE_NOISE_SEED, STAGE_FILES, OnnxVocoder
+from omnilite.runtime.fun_audio_chat.vocoder import CACHED_ESTIMATOR_STAGE, RECORD_FILE, SOURCE_NOISE_SEED, STAGE_FILES, OnnxVocoder
 from omnilite.runtime.metrics import snr_db
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,26 @@ STREAM_WHOLE_SNR_DB = 25.0
 
 
 # ----------------------------------------------------------------------------- export
+
+
+def reference_cached_stream_mel(flow, tokens: list[int], embedding, hop: int, lookahead: int | None = None):
+    """The chunk-aligned stream in PyTorch with the flow cache: a call per `hop` tokens once `lookahead`
+    more exist (not finalize), then a finalize call; each solves only its new frames. -> (80, frames)."""
+    import torch
+
+    from .vocoder_reference import FlowCache, mu_window
+
+    la = flow.c.pre_lookahead_len if lookahead is None else lookahead
+    ratio, chunk = flow.c.token_mel_ratio, flow.c.static_chunk_size
+    spks, cache, offset, mels = flow.speaker(embedding), FlowCache(), 0, []
+    with torch.no_grad():
+        while offset + hop + la <= len(tokens):
+            mu = mu_window(flow, tokens[:offset + hop + la], offset, finalize=False)
+            mels.append(flow.solve_cached(mu, spks, cache, chunk))
+            offset += hop
+        if len(tokens) > offset:
+            mels.append(flow.solve_cached(mu_window(flow, tokens, offset, finalize=True), spks, cache, chunk))
+    return torch.cat(mels, dim=2)[0].numpy()
 
 
 def parity_tokens(n: int = 64, seed: int = 0) -> list[int]:
@@ -83,19 +109,29 @@ def write_vocoder_stages(ckpt, tmp: Path, voice: str | None = None, parity: bool
 
     from ..onnx_export import export_onnx, io_shapes
     from .config import FAMILY, SPK2INFO_VOICE, STREAM_HOP_TOKENS, STREAM_LOOKAHEAD_TOKENS
-    from .vocoder_reference import EstimatorStage, F0Stage, FlowEncoderStage
+    from .vocoder_reference import CachedEstimatorStage, EstimatorStage, F0Stage, FlowEncoderStage
 
     voice = voice or SPK2INFO_VOICE
     embedding = ckpt.speaker_embedding(voice)
     flow, hift = ckpt.flow(), ckpt.hift()
     t = 24
     mel_t = torch.zeros(2, 80, 2 * t)
+    est = flow.decoder.estimator
+    attn = est.transformer_blocks[0].attn
+    depth, inner, ctx = len(est.transformer_blocks), attn.heads * attn.dim_head, est.input_embed.conv_pos_embed.kernel - 1
+    past = torch.zeros(depth, 2, flow.c.static_chunk_size, inner)  # P != the example's frames: both stay symbolic
     stages = [
         ("flow_encoder.onnx", FlowEncoderStage(flow), (torch.zeros(1, t, dtype=torch.long),), {"tokens": {1: "tokens"}}, {"mu": {2: "frames"}}),
         ("flow_estimator.onnx", EstimatorStage(flow),
          (mel_t, torch.ones(2, 1, 2 * t), mel_t, torch.zeros(2), torch.zeros(2, 80), mel_t, torch.tensor(2 * t)),
          {"x": {2: "frames"}, "mask": {2: "frames"}, "mu": {2: "frames"}, "t": {}, "spks": {}, "cond": {2: "frames"}, "chunk_frames": {}},
          {"velocity": {2: "frames"}}),
+        (CACHED_ESTIMATOR_STAGE[1], CachedEstimatorStage(flow),
+         (mel_t, mel_t, torch.zeros(2), torch.zeros(2, 80), mel_t, past, past, torch.zeros(2, ctx, est.dim), torch.zeros(2, ctx, est.dim),
+          torch.tensor(flow.c.static_chunk_size)),
+         {"x": {2: "frames"}, "mu": {2: "frames"}, "t": {}, "spks": {}, "cond": {2: "frames"}, "past_k": {2: "past"},
+          "past_v": {2: "past"}, "conv1_context": {}, "conv2_context": {}, "chunk_frames": {}},
+         {"velocity": {2: "frames"}, "new_k": {2: "frames"}, "new_v": {2: "frames"}, "conv1_context_out": {}, "conv2_context_out": {}}),
         ("hift_f0.onnx", F0Stage(hift), (torch.zeros(1, 80, t),), {"mel": {2: "frames"}}, {"f0": {1: "frames"}}),
         ("hift.onnx", hift, (torch.zeros(1, 80, t), torch.zeros(1, t * hift.c.hop)), {"mel": {2: "frames"}, "source": {1: "samples"}},
          {"audio": {1: "samples"}}),
@@ -118,6 +154,9 @@ def write_vocoder_stages(ckpt, tmp: Path, voice: str | None = None, parity: bool
         "flow": {"mel_bins": fc.output_size, "token_mel_ratio": fc.token_mel_ratio, "pre_lookahead_len": fc.pre_lookahead_len,
                  "n_timesteps": fc.n_timesteps, "t_scheduler": fc.t_scheduler, "inference_cfg_rate": fc.inference_cfg_rate,
                  "static_chunk_size": fc.static_chunk_size, "noise_frames": int(flow.noise.shape[-1]),
+                 # tokens before a frame's own that its mu depends on (the pre-lookahead conv2): a cached
+                 # stream runs the encoder on the new tokens and these only
+                 "encoder_left_tokens": flow.pre_lookahead_layer.conv2.kernel_size[0] - 1,
                  "attention": "full (streaming=False, as Fun-Audio-Chat calls token2wav); chunk_frames=T gives it"},
         "hift": {"hop": hc.hop, "sample_rate": hc.sampling_rate, "conv_pre_look_right": hc.conv_pre_look_right,
                  "f0_look_right": hc.f0_look_right,
@@ -127,7 +166,7 @@ def write_vocoder_stages(ckpt, tmp: Path, voice: str | None = None, parity: bool
         "streaming": {"hop_tokens": STREAM_HOP_TOKENS, "lookahead_tokens": STREAM_LOOKAHEAD_TOKENS},
         "stages": [],
     }
-    for name, file in STAGE_FILES:
+    for name, file in (*STAGE_FILES, CACHED_ESTIMATOR_STAGE):
         entry = {"name": name, "file": file, "format": file.rsplit(".", 1)[1], "precision": "fp32", "sha256": sha256_file(tmp / file)}
         if file.endswith(".onnx"):
             entry["inputs"], entry["outputs"] = io_shapes(tmp / file)
@@ -143,7 +182,9 @@ def write_vocoder_stages(ckpt, tmp: Path, voice: str | None = None, parity: bool
 def measure_parity(flow, hift, embedding, voc: OnnxVocoder, tokens: list[int] | None = None) -> dict:
     """The report's checks (thresholds above), on fixed tokens and the release's voice:
 
-    * flow: ONNX encoder + estimator + numpy Euler vs the reference, whole and streaming-call forms;
+    * flow: ONNX encoder + estimator + numpy Euler vs the reference, whole and streaming-call forms; and the
+      chunk-aligned stream's mel (each chunk solved once with ``flow_estimator_cached.onnx`` when the stage
+      exists) and the reference's own cached stream vs the reference's whole chunk-attention solve;
     * hift: ONNX f0 + source + decode vs the reference (torch.stft / torch.istft, float64 f0);
     * stream_vs_reference: the official web-demo schedule (hop 15 + 3 lookahead, full attention)
       through the ONNX driver vs the same loop in PyTorch: catches offset / cache / trim errors;
@@ -170,17 +211,31 @@ def measure_parity(flow, hift, embedding, voc: OnnxVocoder, tokens: list[int] | 
         s = voc.stream(hop, chunk_frames=chunk)
         return np.concatenate([s.push(tokens), s.flush()]), s.calls
 
+    # The chunk-aligned stream's mel (each chunk solved once from the flow cache when the stage exists)
+    # vs the reference's whole solve with chunk attention, and the reference's own cached solve vs it.
+    chunk = voc.static_chunk
+    mel_chunk = flow.inference(ids, embedding, streaming=True)[0].numpy()
+    s = voc.stream(chunk // voc.ratio, chunk_frames=chunk)
+    s.push(tokens)
+    s.flush()
+    cached_err = float(np.max(np.abs(s.mel - mel_chunk)))
+    ref_cached_err = float(np.max(np.abs(reference_cached_stream_mel(flow, tokens, embedding, chunk // flow.c.token_mel_ratio)
+                                         - mel_chunk)))
+
     official, calls = streamed(voc.stream_hop, None)
     official_ref = torch.cat(token2wav_stream(flow, hift, tokens, embedding, voc.stream_hop, voc.stream_lookahead)).numpy()
     whole = voc.offline(tokens)
-    chunk = voc.static_chunk
     aligned, aligned_calls = streamed(chunk // voc.ratio, chunk)
     aligned_whole = voc.offline(tokens, chunk)
     aligned_snr = snr_db(aligned_whole, aligned)
     ref_drift = snr_db(token2wav(flow, hift, tokens, embedding).numpy(), official_ref)
     stream_ref_snr = snr_db(official_ref, official)
     return {
-        "flow": {"max_abs": flow_err, "threshold": FLOW_MAX_ABS, "frames": int(mel_ref.shape[1]), "ok": flow_err <= FLOW_MAX_ABS},
+        "flow": {"max_abs": flow_err, "threshold": FLOW_MAX_ABS, "frames": int(mel_ref.shape[1]),
+                 # chunk-aligned stream (cached when s.flow_cache) vs the reference's whole chunk-attention solve
+                 "chunk_stream_max_abs": cached_err, "chunk_stream_cached": s.flow_cache is not None,
+                 "reference_cached_max_abs": ref_cached_err,
+                 "ok": max(flow_err, cached_err, ref_cached_err) <= FLOW_MAX_ABS},
         "hift": {"snr_db": hift_snr, "threshold_db": HIFT_SNR_DB, "samples": len(audio_ref), "ok": hift_snr >= HIFT_SNR_DB},
         "stream_vs_reference": {"snr_db": stream_ref_snr, "threshold_db": STREAM_REFERENCE_SNR_DB, "hop_tokens": voc.stream_hop,
                                 "lookahead_tokens": voc.stream_lookahead, "calls": calls, "ok": stream_ref_snr >= STREAM_REFERENCE_SNR_DB},

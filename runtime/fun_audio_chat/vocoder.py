@@ -5,7 +5,11 @@
 `VocoderStream` turns speech codes arriving in any burst size into audio as the official streaming
 token2wav does: a call per `hop` tokens once `lookahead` more exist, each re-solving every token so
 far and keeping the mel frames from its offset; HiFT re-runs over the mel so far and only the new
-samples are kept. `Schedule` names the two streaming schedules the pipeline offers (NOTES.md,
+samples are kept. With chunk attention and a hop of whole chunks (the chunk-aligned schedule) and a
+bundle holding ``flow_estimator_cached.onnx``, a call solves only its new frames from a `FlowCache`
+(the earlier frames' keys / values per Euler step and layer, the position convs' last inputs): the
+frames of finished chunks never attend to later ones, so this is the same output at a cost per call
+independent of the reply's length. `Schedule` names the two streaming schedules the pipeline offers (NOTES.md,
 "Runtime"): the official web demo's (hop 15 + 3, full attention) and the chunk-aligned one (hop 25
 + 3, 50-frame chunk attention, CosyVoice3's own), whose streamed output equals its whole-utterance
 output.
@@ -25,11 +29,17 @@ from ..onnx_session import SessionOptions, open_session
 RECORD_FILE = "vocoder.json"
 STAGE_FILES = (("flow_encoder", "flow_encoder.onnx"), ("flow_estimator", "flow_estimator.onnx"), ("flow_noise", "flow_noise.npy"),
                ("hift_f0", "hift_f0.onnx"), ("hift", "hift.onnx"))
+CACHED_ESTIMATOR_STAGE = ("flow_estimator_cached", "flow_estimator_cached.onnx")  # optional (newer bundles)
 SOURCE_NOISE_SEED = 0
 # The web demo bounds each call's work (utils/constant.py MAX_TTS_TOKENS, MAX_TTS_HISTORY): the flow's
 # tokens restart every 200 (8 s), and the HiFT cache once 500 tokens have been cut that way.
 WEB_DEMO_FLOW_WINDOW = 200
 WEB_DEMO_HIFT_RESTART = 500
+# Mel frames before the first new sample that a cached stream's HiFT call re-reads: the causal HiFT's
+# left receptive field (conv_pre none, upsampling and resblock convs, source STFT + down convs, iSTFT)
+# is 29 frames (22 through the mel, 29 through the source; measured by perturbation in
+# tests/test_fun_audio_chat_vocoder_cache.py); past it a window's zero padding no longer reaches the samples kept.
+HIFT_CONTEXT_FRAMES = 64
 
 
 @dataclass(frozen=True)
@@ -69,14 +79,27 @@ class CausalSource:
 
     def __call__(self, f0: np.ndarray) -> np.ndarray:
         """f0 (T,) Hz for frames 0..T-1 -> source (T * hop,) float32."""
+        return self.segment(f0)[0]
+
+    def segment(self, f0: np.ndarray, start: int = 0, cycles: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The source of frames start .. start + T - 1 from their f0 and `cycles`, the phase sum
+        (harmonics,) after frame start - 1 (the last value this returned; None at frame 0). Returns the
+        samples and the phase sum after the last frame: consecutive segments equal one call (the sum
+        runs on from the carried value in the same order)."""
         p = self.p
         f0 = np.asarray(f0, np.float64).reshape(-1)
         k = np.arange(1, p.harmonics + 1, dtype=np.float64)
-        cycles = np.cumsum(np.mod(f0[:, None] * k[None] / p.sample_rate, 1.0) * p.hop, axis=0)
+        step = np.mod(f0[:, None] * k[None] / p.sample_rate, 1.0) * p.hop
+        carry = np.zeros(p.harmonics) if cycles is None else np.asarray(cycles, np.float64)
+        if cycles is None:
+            cycles = np.cumsum(step, axis=0)
+        else:
+            cycles = np.cumsum(np.concatenate([carry[None], step]), axis=0)[1:]
         sines = np.repeat(p.sine_amp * np.sin(2 * np.pi * np.mod(cycles, 1.0)), p.hop, axis=0)
         uv = np.repeat((f0 > p.voiced_threshold).astype(np.float64), p.hop)[:, None]
-        noise = (uv * p.noise_std + (1 - uv) * p.sine_amp / 3) * self.uniform(0, len(sines))
-        return np.tanh((sines * uv + noise) @ self.weight + self.bias).astype(np.float32)
+        noise = (uv * p.noise_std + (1 - uv) * p.sine_amp / 3) * self.uniform(start * p.hop, len(sines))
+        last = cycles[-1] if len(cycles) else carry
+        return np.tanh((sines * uv + noise) @ self.weight + self.bias).astype(np.float32), last
 
 
 class OnnxVocoder:
@@ -89,8 +112,8 @@ class OnnxVocoder:
             raise OmniliteError(f"{record} is missing; export the vocoder stages into {folder} first.")
         cfg = json.loads(record.read_text())
         files = {s["name"]: folder / s["file"] for s in cfg["stages"]}
+        self._files, self._options, self._sessions = files, options, {}
         self.encoder = open_session(files["flow_encoder"], options)
-        self.estimator = open_session(files["flow_estimator"], options)
         self.f0_session = open_session(files["hift_f0"], options)
         self.decoder = open_session(files["hift"], options)
         self.noise = np.load(files["flow_noise"], mmap_mode="r")  # (80, frames)
@@ -98,6 +121,7 @@ class OnnxVocoder:
         self.mel_bins, self.ratio, self.lookahead = int(f["mel_bins"]), int(f["token_mel_ratio"]), int(f["pre_lookahead_len"])
         self.cfg_rate = np.float32(f["inference_cfg_rate"])
         self.static_chunk = int(f["static_chunk_size"])  # frames: the yaml's chunk attention (streaming=True)
+        self.encoder_left_tokens = f.get("encoder_left_tokens")  # None in bundles without the cached estimator
         t = np.linspace(0, 1, int(f["n_timesteps"]) + 1, dtype=np.float32)
         self.t_span = (1 - np.cos(t * np.float32(0.5 * np.pi))).astype(np.float32) if f["t_scheduler"] == "cosine" else t
         self.spks = np.asarray(cfg["speaker"]["spks"], np.float32)
@@ -107,6 +131,59 @@ class OnnxVocoder:
         self.stream_hop, self.stream_lookahead = int(cfg["streaming"]["hop_tokens"]), int(cfg["streaming"]["lookahead_tokens"])
 
     # -- flow
+
+    def _session(self, name: str):
+        """The two estimators are opened on first use: a stream needs one of them (both at once would
+        hold the DiT's weights twice)."""
+        if name not in self._sessions:
+            self._sessions[name] = open_session(self._files[name], self._options)
+        return self._sessions[name]
+
+    @property
+    def estimator(self):
+        return self._session("flow_estimator")
+
+    @property
+    def has_cached_estimator(self) -> bool:
+        return CACHED_ESTIMATOR_STAGE[0] in self._files and self.encoder_left_tokens is not None
+
+    def mu_from(self, tokens: list[int], start: int, finalize: bool = True) -> np.ndarray:
+        """mu of the frames of tokens[start:] (without the lookahead tokens' unless `finalize`), from
+        the encoder run on those tokens and the `encoder_left_tokens` before them (its receptive field
+        to the left): equal to ``mu(tokens, finalize)[:, ratio * start:]``."""
+        left = start if self.encoder_left_tokens is None else int(self.encoder_left_tokens)
+        lo = max(0, start - left)
+        return self.mu(tokens[lo:], finalize)[:, (start - lo) * self.ratio:]
+
+    def solve_cached(self, mu: np.ndarray, cache: "FlowCache", chunk_frames: int) -> np.ndarray:
+        """`solve` (chunk attention) for the frames after the `cache.frames` already solved, mu (80, n)
+        of these frames only; the cache grows by them. Equals the new frames of `solve` over all frames."""
+        p, n = cache.frames, mu.shape[1]
+        if p % chunk_frames:
+            raise OmniliteError(f"a cached flow solve needs whole {chunk_frames}-frame chunks before it, got {p} frames.")
+        if p + n > self.noise.shape[1]:
+            raise OmniliteError(f"the reply needs {p + n} mel frames but the flow's fixed noise covers {self.noise.shape[1]} (300 s); "
+                                "shorten the reply.")
+        est = self._session(CACHED_ESTIMATOR_STAGE[0])
+        x = np.array(self.noise[:, p:p + n], np.float32)  # the noise at these frames' absolute indices
+        mu_in = np.zeros((2, self.mel_bins, n), np.float32)
+        mu_in[0] = mu
+        feeds = {"mu": mu_in, "spks": np.stack([self.spks, np.zeros_like(self.spks)]), "cond": np.zeros((2, self.mel_bins, n), np.float32),
+                 "chunk_frames": np.asarray(chunk_frames, np.int64)}
+        r, span = self.cfg_rate, self.t_span
+        t, dt = span[0], span[1] - span[0]
+        for step in range(1, len(span)):
+            feeds["x"] = np.stack([x, x])
+            feeds["t"] = np.full(2, t, np.float32)
+            feeds["past_k"], feeds["past_v"], feeds["conv1_context"], feeds["conv2_context"] = cache.state(step - 1, est)
+            v, k, vv, c1, c2 = est.run(None, feeds)
+            cache.append(step - 1, k, vv, c1, c2)
+            x = x + dt * ((1 + r) * v[0] - r * v[1])
+            t = t + dt
+            if step < len(span) - 1:
+                dt = span[step + 1] - t
+        cache.frames = p + n
+        return x
 
     def mu(self, tokens: list[int], finalize: bool = True) -> np.ndarray:
         """(T,) ids -> (80, ratio * T), or without the lookahead tokens' frames."""
@@ -179,6 +256,33 @@ class OnnxVocoder:
                              chunk_frames, flow_window_tokens, hift_restart_tokens)
 
 
+class FlowCache:
+    """Per Euler step (the CFG halves batched): every DiT layer's keys / values of the frames solved so
+    far (depth, 2, frames, inner) and the position convs' last inputs (2, kernel - 1, D). fp32: at the
+    released shape (22 layers x 1024) that is 3.6 MB per frame (180 MB per second of audio)."""
+
+    def __init__(self):
+        self.frames = 0
+        self.steps: dict[int, list[np.ndarray]] = {}
+
+    def state(self, step: int, session) -> list[np.ndarray]:
+        if step not in self.steps:
+            shapes = {i.name: i.shape for i in session.get_inputs()}
+            depth, _, _, inner = shapes["past_k"]
+            _, ctx, dim = shapes["conv1_context"]
+            empty = np.zeros((depth, 2, 0, inner), np.float32)
+            self.steps[step] = [empty, empty, np.zeros((2, ctx, dim), np.float32), np.zeros((2, ctx, dim), np.float32)]
+        return self.steps[step]
+
+    def append(self, step: int, k: np.ndarray, v: np.ndarray, ctx1: np.ndarray, ctx2: np.ndarray) -> None:
+        past_k, past_v = self.steps[step][:2]
+        self.steps[step] = [np.concatenate([past_k, k], axis=2), np.concatenate([past_v, v], axis=2), ctx1, ctx2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for s in self.steps.values() for a in s)
+
+
 class VocoderStream:
     """Tokens in (any burst size), audio out, as the official web demo streams token2wav. Without
     windows every call re-solves all tokens and re-vocodes all mel, as the official call does; with
@@ -202,6 +306,14 @@ class VocoderStream:
         self.mel = np.zeros((voc.mel_bins, 0), np.float32)
         self.samples = 0  # samples of the mel cache handed out
         self.calls = 0
+        # Solve only the new frames when every call starts at a chunk boundary (chunk attention, a hop of
+        # whole chunks, no flow window) and the bundle has the cached estimator; else re-solve all.
+        self.flow_cache = (FlowCache() if voc.has_cached_estimator and chunk_frames is not None and flow_window is None
+                           and (hop * voc.ratio) % chunk_frames == 0 else None)
+        # With the cache HiFT runs on the new frames plus HIFT_CONTEXT_FRAMES before them; f0 and the
+        # source (its phase sum carried) are made once per frame.
+        self._f0_frames, self._cycles = 0, None
+        self._source = np.zeros(0, np.float32)
 
     def push(self, tokens: list[int]) -> np.ndarray:
         self.tokens.extend(int(t) for t in tokens)
@@ -225,15 +337,41 @@ class VocoderStream:
 
     def _call(self, end: int, finalize: bool) -> np.ndarray:
         v = self.voc
-        mu = v.mu(self.tokens[:end])
-        if not finalize:
-            mu = mu[:, : (end - self.lookahead) * v.ratio]
-        mel = v.solve(mu, self.chunk_frames)[:, self.offset * v.ratio:]
+        if self.flow_cache is not None:
+            mu = v.mu_from(self.tokens[:end], self.offset)
+            if not finalize:
+                mu = mu[:, : (end - self.lookahead - self.offset) * v.ratio]
+            mel = v.solve_cached(mu, self.flow_cache, self.chunk_frames)
+        else:
+            mu = v.mu(self.tokens[:end])
+            if not finalize:
+                mu = mu[:, : (end - self.lookahead) * v.ratio]
+            mel = v.solve(mu, self.chunk_frames)[:, self.offset * v.ratio:]
         self.mel = np.concatenate([self.mel, mel], axis=1)
-        audio = v.audio(self.mel, finalize)[self.samples:]
+        audio = self._audio_window(finalize) if self.flow_cache is not None else v.audio(self.mel, finalize)[self.samples:]
         self.samples += len(audio)
         self.calls += 1
         return audio
+
+    def _audio_window(self, finalize: bool) -> np.ndarray:
+        """`OnnxVocoder.audio(self.mel, finalize)[self.samples:]` from the frames after the samples handed
+        out and HIFT_CONTEXT_FRAMES before them: f0 and source only for frames not made yet."""
+        v, mel, ctx = self.voc, self.mel, HIFT_CONTEXT_FRAMES
+        n = mel.shape[1]
+        usable = n if finalize else n - v.f0_lookahead  # frames whose f0 has its real right context
+        keep = n if finalize else n - v.f0_lookahead - v.pre_lookahead - 1
+        if keep <= 0:
+            return np.zeros(0, np.float32)
+        done = self._f0_frames
+        if usable > done:
+            lo = max(0, done - ctx)
+            f0 = v.f0(mel[:, lo:])[done - lo:usable - lo]  # the f0 graph over the same last frames as a whole call
+            src, self._cycles = v.source.segment(f0, done, self._cycles)
+            self._source = np.concatenate([self._source, src])
+            self._f0_frames = usable
+        lo = max(0, self.samples // v.hop - ctx)
+        audio = v.decode(mel[:, lo:usable], self._source[lo * v.hop:usable * v.hop])
+        return audio[self.samples - lo * v.hop:(None if finalize else keep * v.hop - lo * v.hop)]
 
 
 # ----------------------------------------------------------------------------- schedules

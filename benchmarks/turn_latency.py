@@ -44,7 +44,7 @@ from omnilite.runtime.audio_io import FileAudio, FileLoopConfig
 from omnilite.runtime.bundle import load_bundle
 from omnilite.runtime.events import Done
 from omnilite.runtime.omni2.flow import FIRST_HOP_TOKENS
-from omnilite.runtime.omni2.pipeline import Omni2PipelineConfig, as_omni2_config
+from omnilite.runtime.omni2.pipeline import FIRST_LOOKAHEAD_FRAMES, Omni2PipelineConfig, as_omni2_config
 from omnilite.runtime.pipeline import FIRST_OMEGA
 from omnilite.runtime.session import Session, SessionConfig
 
@@ -78,14 +78,22 @@ def one_turn(pipe: Pipeline, wav: Path, speculative: bool, pace: float) -> dict:
             events += session.poll()
         events += session.poll()
         wasted = session.wasted_starts
+        rate = session.output_rate
     done = [e for e in events if isinstance(e, Done)]
     if len(done) != 1:
         raise RuntimeError(f"expected one reply to {wav.name}, got {len(done)}")
-    t = done[0].timings
+    t, stats = done[0].timings, done[0].stats
+    audio_s = len(done[0].audio) / done[0].sample_rate
+    first_s = stats.get("first_chunk_samples", 0) / rate
+    # Wall-clock real-time factor after the first chunk: how long the pipeline took to hand over the
+    # rest of the reply per second of it (< 1: it outran the speaker). `rtf` is busy time summed over
+    # the speech stages per second of audio, which counts two cores' work twice.
+    wall = (t["total"] - t["ttfa_ready"]) / (audio_s - first_s) if audio_s > first_s and "ttfa_ready" in t else None
     return {"ttfa": t["ttfa"], "ttft": t["ttft"], "ttfa_ready": t.get("ttfa_ready"), "wasted_starts": wasted,
-            "prefilled_early": done[0].stats.get("prefilled_early", 0), "underruns": done[0].stats["underruns"],
-            "rtf": t.get("rtf"), "audio_s": len(done[0].audio) / done[0].sample_rate,
-            "stages": {k: v for k, v in t.items() if isinstance(v, float)}}
+            "prefilled_early": stats.get("prefilled_early", 0), "underruns": stats["underruns"],
+            "stall_s": stats.get("stalled_samples", 0) / rate, "first_chunk_s": first_s, "wall_rtf": wall,
+            "rtf": t.get("rtf"), "audio_s": audio_s, "stages": {k: v for k, v in t.items() if isinstance(v, float)},
+            "spans": [list(x) for x in done[0].spans]}
 
 
 def base_config(bundle: Path, encoder_mode: str | None, max_new_tokens: int, tts_tokens: int) -> PipelineConfig:
@@ -107,11 +115,16 @@ def base_config(bundle: Path, encoder_mode: str | None, max_new_tokens: int, tts
 
 
 def _first_chunk(pipe: Pipeline, short: bool) -> None:
-    """Switch the family's first-chunk fast path on or off on a loaded pipeline (read at each reply)."""
+    """Switch the family's first-chunk fast path on or off on a loaded pipeline (read at each reply):
+    LLaMA-Omni2's short first flow hop, HiFT's short first lookahead and the LLM held one text chunk
+    ahead until the first sample; LLaMA-Omni's short first text chunk."""
     if isinstance(pipe.config, Omni2PipelineConfig):
-        pipe.config = replace(pipe.config, flow=replace(pipe.config.flow, first_hop_tokens=FIRST_HOP_TOKENS if short else None))
+        pipe.config = replace(pipe.config, flow=replace(pipe.config.flow, first_hop_tokens=FIRST_HOP_TOKENS if short else None),
+                              vocoder=replace(pipe.config.vocoder, first_lookahead=FIRST_LOOKAHEAD_FRAMES if short else None),
+                              first_audio_priority=short)
     else:
         pipe.first_omega = min(pipe.omega, FIRST_OMEGA) if short else 10**6
+        pipe.config = replace(pipe.config, first_audio_priority=short)
 
 
 def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_new_tokens: int, tts_tokens: int,
@@ -196,6 +209,26 @@ def _p50(runs: list[dict], key: str) -> float:
     return float(np.median([r[key] for r in runs]))
 
 
+def _opt_p50(runs: list[dict], key: str, digits: int = 3) -> str:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return f"{np.median(vals):.{digits}f}" if vals else "-"
+
+
+def waterfall(run: dict) -> list[str]:
+    """Per stage, its calls before the first audio sample was handed over: when the first began and
+    the last ended, in seconds from the last speech sample, and their busy time ("vocoder" is flow +
+    HiFT, shown apart)."""
+    end = run["stages"].get("ttfa_ready", run["ttfa"])
+    stages: dict[str, list[float]] = {}
+    for name, a, b in run.get("spans", []):
+        if a <= end and name != "vocoder" and b - a >= 1e-4:
+            row = stages.setdefault(name, [a, b, 0.0, 0])
+            row[0], row[1], row[2], row[3] = min(row[0], a), max(row[1], b), row[2] + (b - a), row[3] + 1
+    lines = ["| stage | first call starts (s) | last call ends (s) | busy (s) | calls |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {a:.3f} | {b:.3f} | {d:.3f} | {c} |" for n, (a, b, d, c) in sorted(stages.items(), key=lambda kv: kv[1][0])]
+    return lines + [f"| first sample handed over | | {end:.3f} | | |", f"| speaker took it (TTFA) | | {run['ttfa']:.3f} | | |"]
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Turn latency: {Path(report['bundle']).name}", "",
              f"- {report['family']}, encoder mode `{report['encoder_mode']}`; {report['rounds']} interleaved rounds at "
@@ -209,13 +242,12 @@ def markdown(report: dict) -> str:
     for q, by_setting in report["results"].items():
         base = _p50(by_setting["baseline"], "ttfa")
         lines += [f"## {q} question", "", "| setting | TTFA p50 (s) | TTFA max (s) | vs baseline | TTFT p50 (s) | "
-                  "RTF p50 | underruns | wasted starts | positions prefilled early |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "first chunk (s) | wall RTF p50 | busy RTF p50 | stall p50 (s) | wasted starts | positions prefilled early |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, runs in by_setting.items():
-            rtf = [r["rtf"] for r in runs if r.get("rtf") is not None]
             lines.append(f"| {name} | {_p50(runs, 'ttfa'):.3f} | {max(r['ttfa'] for r in runs):.3f} | "
-                         f"{base / _p50(runs, 'ttfa'):.2f}x | {_p50(runs, 'ttft'):.3f} | "
-                         f"{np.median(rtf) if rtf else float('nan'):.2f} | {sum(r.get('underruns', 0) for r in runs)} | "
+                         f"{base / _p50(runs, 'ttfa'):.2f}x | {_p50(runs, 'ttft'):.3f} | {_opt_p50(runs, 'first_chunk_s')} | "
+                         f"{_opt_p50(runs, 'wall_rtf', 2)} | {_opt_p50(runs, 'rtf', 2)} | {_opt_p50(runs, 'stall_s')} | "
                          f"{sum(r['wasted_starts'] for r in runs)} | {runs[0]['prefilled_early']} |")
         lines.append("")
     short = report["results"]["short"]
@@ -229,12 +261,19 @@ def markdown(report: dict) -> str:
             if any(vals):
                 lines.append(f"| {stage} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
         lines.append("")
+    both = short.get("both") or []
+    if both and both[0].get("spans"):
+        lines += ["## Waterfall to the first sample (`both`, short question, median-TTFA round)", "",
+                  "Stage calls before the first sample was handed over, in seconds from the last speech sample (t0).", ""]
+        lines += waterfall(sorted(both, key=lambda r: r["ttfa"])[len(both) // 2]) + [""]
     if "long_reply" in report:
         runs = report["long_reply"]["runs"]
         lines += ["## Long reply (`both`, short question)", "",
-                  f"{len(runs)} replies of {np.median([r['audio_s'] for r in runs]):.1f} s of audio (p50): RTF p50 "
-                  f"{_p50(runs, 'rtf'):.2f} (speech side busy time per second of audio), underruns "
-                  f"{sum(r['underruns'] for r in runs)}, TTFA p50 {_p50(runs, 'ttfa'):.3f} s.", ""]
+                  f"{len(runs)} replies of {np.median([r['audio_s'] for r in runs]):.1f} s of audio (p50): wall RTF p50 "
+                  f"{_opt_p50(runs, 'wall_rtf', 2)} (hand-over time after the first chunk per second of the rest), busy RTF p50 "
+                  f"{_p50(runs, 'rtf'):.2f} (speech stages' busy time summed, per second of audio), underruns "
+                  f"{sum(r['underruns'] for r in runs)} blocks, stall p50 {_opt_p50(runs, 'stall_s')} s, TTFA p50 "
+                  f"{_p50(runs, 'ttfa'):.3f} s.", ""]
     if "torch" in report:
         t = report["torch"]
         ours = _p50(short["both"], "ttfa")

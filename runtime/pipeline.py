@@ -87,6 +87,10 @@ class PipelineConfig:
     # Chunks held between two stages. Bounded so memory stays flat and a fast LLM cannot run far
     # ahead of what will be spoken (the device profile will set this; 4 suits a CPU).
     queue_size: int = 4
+    # Until the first audio sample (overlapped mode), the LLM stays one text chunk ahead of the speech
+    # generator instead of `queue_size`: past that its decoding only takes cores from the stages on the
+    # path to the first sample (it needs R tokens per write). Same tokens and audio either way.
+    first_audio_priority: bool = True
     event_queue_size: int = 256  # events waiting for the caller (text, audio chunks)
     n_ctx: int | None = None  # LLM context positions; None: one turn (prompt + 30 s of speech + reply), >= 2048
     profile_dir: str | None = None  # benchmarks: ONNX Runtime per-node profiles go here (see benchmarks/cost.py)
@@ -579,6 +583,8 @@ class Reply:
             with closing(pipe._llm_items(self)) as items:
                 for kind, payload in items:
                     clock.waited("llm", (out if kind == _TEXT else hidden_ch).put(payload))
+                    if kind != _TEXT and pipe.config.first_audio_priority and not self.steady:
+                        clock.waited("llm", hidden_ch.wait_drained(lambda: self.steady))
             out.put(_LLM_DONE)
 
         def units_worker() -> None:

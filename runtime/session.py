@@ -27,7 +27,8 @@ and the part before its speech is evaluated while the user is still silent or sp
 Events (TextDelta, Timing, Done, TurnStarted, TurnEnded, Interrupted) are collected with `poll()`.
 A turn's `Done` comes when its audio has been played out; its timings hold TTFT and TTFA measured
 from t0 (TTFA when `read_output` hands out the first sample) and its stats the underrun count:
-output blocks the speaker had to fill with silence because the vocoder had not kept real time.
+output blocks the speaker had to fill with silence because the vocoder had not kept real time
+(`stalled_samples`: their length at `output_rate`; `first_chunk_samples`: the first audio chunk's).
 Something must call `read_output` (a speaker, or a loop that discards the audio): the playback
 buffer is bounded, and a turn is complete only once its audio has been taken.
 """
@@ -121,6 +122,8 @@ class _Playback:
     first_audio: float | None = None
     released: float | None = None  # a speculative reply: when the confirmed turn released it
     underruns: int = 0
+    stalled: int = 0  # samples of silence the speaker got mid-reply (the underruns' total length)
+    first_chunk: int = 0  # samples of the first audio chunk the pipeline handed over
     finished: bool = False  # the reply is complete: no more audio will come
     done: Done | None = None
     timings: list[Timing] = field(default_factory=list)
@@ -377,6 +380,7 @@ class Session:
                     self._complete(play)
                 elif play.first_audio is not None:
                     play.underruns += 1  # mid-reply and nothing to play: the vocoder fell behind
+                    play.stalled += n - got
         return out
 
     def _push_audio(self, job: _Job, samples: np.ndarray) -> None:
@@ -387,6 +391,8 @@ class Session:
                 if job.cancelled or (job.committed and self._play is not play):
                     return  # interrupted: this audio is never played
                 if play.buffered < limit or play.buffered == 0:
+                    if not play.first_chunk:
+                        play.first_chunk = len(samples)
                     play.chunks.append(samples)
                     play.buffered += len(samples)
                     return
@@ -399,7 +405,7 @@ class Session:
             self._job = None
         done = play.done
         timings = dict(done.timings)
-        stats = dict(done.stats, underruns=play.underruns)
+        stats = dict(done.stats, underruns=play.underruns, stalled_samples=play.stalled, first_chunk_samples=play.first_chunk)
         if "ttfa" in timings:
             timings["ttfa_ready"] = timings["ttfa"]  # when the pipeline handed the first audio over
         if play.released is not None:

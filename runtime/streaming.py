@@ -12,7 +12,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -97,6 +97,17 @@ class Channel(Generic[T]):
             item = self._items.popleft()
             self._cond.notify_all()
         return item, time.perf_counter() - t
+
+    def wait_drained(self, stop: Callable[[], bool], poll: float = 0.005) -> float:
+        """Block until the consumer has taken everything queued or `stop()` holds (checked every
+        `poll` s: it may change without touching this channel); returns the seconds waited."""
+        t = time.perf_counter()
+        with self._cond:
+            while self._items and not stop():
+                self._cancel.check()
+                self._cond.wait(poll)
+            self._cancel.check()
+        return time.perf_counter() - t
 
     def clear(self) -> int:
         """Drop everything queued; returns how many items were dropped."""

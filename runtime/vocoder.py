@@ -7,7 +7,9 @@ with `left_context` frames before them and `lookahead` frames after them (both k
 buffer, so memory stays flat however long the reply is). When both cover the generator's receptive
 field, every sample equals offline vocoding of the whole sequence. With a shorter lookahead (for
 lower latency), the last `crossfade` samples of each chunk are held back and cross-faded with the
-next chunk's recomputation of them, which hides the seam.
+next chunk's recomputation of them, which hides the seam. `first_lookahead` shortens only the first
+chunk's lookahead (the first-audio fast path: the first chunk's last frames are vocoded without all
+of their right context, and only that seam is cross-faded); every later chunk is exact again.
 
 The frame-level part is `FrameRing`, which knows nothing about units: any vocoder that maps frames
 to hop-spaced samples with a bounded receptive field (a flow model's mel frames into HiFT, say)
@@ -29,6 +31,9 @@ class VocoderStreamConfig:
     left_context: int | None = None  # frames; None: the generator's receptive field
     lookahead: int | None = None  # frames; None: the generator's receptive field
     crossfade: int = 160  # samples (10 ms at 16 kHz); used only where a seam can exist
+    # Frames of lookahead for the first chunk only; None: `lookahead`. Shorter, the first audio needs
+    # that many fewer frames (earlier first sample), at the cost of one cross-faded seam.
+    first_lookahead: int | None = None
 
 
 class UnitVocoder:
@@ -71,10 +76,14 @@ class FrameRing:
         rf = receptive_field
         self.left = rf if config.left_context is None else config.left_context
         self.lookahead = rf if config.lookahead is None else config.lookahead
-        if self.left < 0 or self.lookahead < 0:
-            raise ValueError(f"left_context and lookahead must be >= 0 frames, got {self.left} and {self.lookahead}")
+        self.first_lookahead = self.lookahead if config.first_lookahead is None else min(config.first_lookahead, self.lookahead)
+        if self.left < 0 or self.lookahead < 0 or self.first_lookahead < 0:
+            raise ValueError(f"left_context and lookahead must be >= 0 frames, got {self.left}, {self.lookahead} "
+                             f"(first chunk {config.first_lookahead})")
         self.exact = self.left >= rf and self.lookahead >= rf
         self.crossfade = 0 if self.exact else min(config.crossfade, self.lookahead * hop)
+        # Only the first chunk's seam needs the cross-fade when every later chunk is exact.
+        self.first_crossfade = self.crossfade if self.first_lookahead >= rf else min(config.crossfade, self.first_lookahead * hop)
         self._frames: np.ndarray | None = None  # the ring: frames still needed, from absolute index _start
         self._start = 0
         self._emitted = 0  # absolute count of frames already turned into audio
@@ -93,11 +102,12 @@ class FrameRing:
         return self._vocode(final)
 
     def _vocode(self, final: bool) -> np.ndarray:
-        end = self._total if final else self._total - self.lookahead
+        ahead = self.first_lookahead if self._emitted == 0 else self.lookahead
+        end = self._total if final else self._total - ahead
         if end <= self._emitted:
             return np.zeros(0, np.float32)
         lo = max(self._start, self._emitted - self.left)
-        hi = self._total if final else min(self._total, end + self.lookahead)
+        hi = self._total if final else min(self._total, end + ahead)
         frames = self._frames[lo - self._start:hi - self._start]
         self.max_buffered_frames = max(self.max_buffered_frames, len(frames))
         audio = self.generate(frames)
@@ -107,7 +117,8 @@ class FrameRing:
             n = min(len(self._tail), len(chunk))
             ramp = (np.arange(n, dtype=np.float32) + 0.5) / n
             chunk[:n] = self._tail[:n] * (1 - ramp) + chunk[:n] * ramp
-        self._tail = np.zeros(0, np.float32) if final else audio[stop:stop + self.crossfade].astype(np.float32)
+        fade = self.first_crossfade if self._emitted == 0 else self.crossfade
+        self._tail = np.zeros(0, np.float32) if final else audio[stop:stop + fade].astype(np.float32)
         self._emitted = end
         keep_from = max(0, end - self.left)
         self._frames = self._frames[keep_from - self._start:]

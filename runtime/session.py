@@ -68,6 +68,9 @@ class SessionConfig:
     max_turn_s: float = 29.0  # the encoder sees at most 30 s: a longer turn is closed here
     barge_in: bool = True  # user speech during a reply interrupts it
     playback_buffer_s: float = 30.0  # reply audio queued for the speaker; the vocoder waits beyond it
+    # Audio a reply must have queued before the speaker starts it (a jitter buffer): a later first
+    # sample, fewer underruns while the vocoder catches up after its first chunk. 0: start at once.
+    start_buffer_s: float = 0.0
     # Start the reply at silence onset, before min_silence_ms confirms the end of the turn (held back
     # until then, dropped if the user speaks again): the hangover stops being dead time.
     speculative_start: bool = True
@@ -133,6 +136,9 @@ class Session:
     def __init__(self, pipeline: Pipeline, config: SessionConfig = SessionConfig()):
         if not 0.0 < config.threshold < 1.0:
             raise OmniliteError(f"VAD threshold {config.threshold} is outside (0, 1); use e.g. 0.5.")
+        if not 0.0 <= config.start_buffer_s < config.playback_buffer_s:
+            raise OmniliteError(f"start_buffer_s ({config.start_buffer_s}) must be >= 0 and below playback_buffer_s "
+                                f"({config.playback_buffer_s}), or the speaker would wait for audio the vocoder may not queue.")
         if config.min_silence_ms < config.pad_ms:
             raise OmniliteError(f"min_silence_ms ({config.min_silence_ms}) must be at least pad_ms ({config.pad_ms}); "
                                 "raise min_silence_ms or lower pad_ms.")
@@ -359,6 +365,9 @@ class Session:
             play = self._play
             if play is None:
                 return out
+            if (play.first_audio is None and not play.finished
+                    and play.buffered < self.config.start_buffer_s * self.output_rate):
+                return out  # still filling the start buffer: not an underrun
             got = 0
             while got < n and play.chunks:
                 chunk = play.chunks[0]

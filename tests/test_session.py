@@ -169,7 +169,10 @@ def test_barge_in_stops_audio_within_one_block_and_cancels_every_stage(bundle, q
     assert omnilite_threads() == []
 
 
-def test_slow_vocoder_is_reported_as_underruns_not_a_hang(bundle, monkeypatch):
+@pytest.mark.parametrize("start_buffer_s", [0.0, 25.0])
+def test_slow_vocoder_is_reported_as_underruns_not_a_hang(bundle, monkeypatch, start_buffer_s):
+    """A vocoder at half real time underruns; a start buffer longer than the reply trades that for a
+    later first sample: the speaker starts once the whole reply is queued, and never runs dry."""
     with Pipeline.load(bundle, PipelineConfig(max_new_tokens=30, ignore_eos=True)) as p:
         generate = p.vocoder.generate
 
@@ -179,12 +182,18 @@ def test_slow_vocoder_is_reported_as_underruns_not_a_hang(bundle, monkeypatch):
             return audio
 
         monkeypatch.setattr(p.vocoder, "generate", slow)
-        with Session(p, SessionConfig(vad="silero")) as session:
+        with Session(p, SessionConfig(vad="silero", start_buffer_s=start_buffer_s)) as session:
             loop = FileAudio(session, QUESTION, FileLoopConfig(pace=4.0))
             loop.start()
             events = _collect(session, loop)
     done = [e for e in events if isinstance(e, Done)]
-    assert len(done) == 1 and done[0].stats["underruns"] > 0
+    assert len(done) == 1
+    stats, t = done[0].stats, done[0].timings
+    if start_buffer_s:
+        assert stats["underruns"] == 0 and stats["stalled_samples"] == 0
+        assert t["ttfa"] >= t["total"] - 0.05  # the first sample left once the reply was complete
+    else:
+        assert stats["underruns"] > 0 and stats["stalled_samples"] >= stats["underruns"]
     assert omnilite_threads() == []
 
 
@@ -216,6 +225,8 @@ def test_bad_input_to_feed(pipe):
         Session(pipe, SessionConfig(vad="webrtc"))
     with pytest.raises(Exception, match="min_silence_ms"):
         Session(pipe, SessionConfig(min_silence_ms=100, pad_ms=200))
+    with pytest.raises(Exception, match=r"^start_buffer_s \(30.0\) must be >= 0 and below playback_buffer_s \(30.0\)"):
+        Session(pipe, SessionConfig(start_buffer_s=30.0))
 
 
 def test_conversation_file_is_small_and_real_speech():

@@ -18,7 +18,8 @@ completed blocks while the user speaks buys. LLaMA-Omni2's first-chunk setting i
 first hop (25 tokens, CosyVoice2's) against the 50-token chunk.
 
 Each setting's reply has a fixed length (random weights never stop); `--long-reply` adds one longer
-reply per round in the `both` setting for RTF and underruns. With `--checkpoint` (LLaMA-Omni2) the
+reply per round in the `both` setting for RTF and underruns (`--start-buffer S`: and one more with an
+S-second jitter buffer before the speaker starts, for what smooth playback costs in TTFA). With `--checkpoint` (LLaMA-Omni2) the
 PyTorch reference answers the short question in the same run, in its fastest precision on this host
 (baseline.py), from the complete audio (no endpointer: its TTFA has no hangover, which favours it).
 Peak RSS is omnilite's (reset before the bundle loads, read before torch is imported). Writes
@@ -69,8 +70,8 @@ def long_question(path: Path) -> Path:
     return path
 
 
-def one_turn(pipe: Pipeline, wav: Path, speculative: bool, pace: float) -> dict:
-    with Session(pipe, SessionConfig(vad="silero", speculative_start=speculative)) as session:
+def one_turn(pipe: Pipeline, wav: Path, speculative: bool, pace: float, start_buffer_s: float = 0.0) -> dict:
+    with Session(pipe, SessionConfig(vad="silero", speculative_start=speculative, start_buffer_s=start_buffer_s)) as session:
         loop = FileAudio(session, wav, FileLoopConfig(pace=pace, tail_s=1.5))
         loop.start()
         events = []
@@ -128,7 +129,7 @@ def _first_chunk(pipe: Pipeline, short: bool) -> None:
 
 
 def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_new_tokens: int, tts_tokens: int,
-        long_reply: tuple[int, int] | None, checkpoint: Path | None, out: Path) -> dict:
+        long_reply: tuple[int, int] | None, checkpoint: Path | None, out: Path, start_buffer_s: float = 0.0) -> dict:
     base = base_config(bundle, encoder_mode, max_new_tokens, tts_tokens)
     host = detect_host()
     settings = {"baseline": (False, False), "speculative": (True, False), "first-chunk": (False, True),
@@ -148,16 +149,23 @@ def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_ne
         rw = (pipe.config.read, pipe.config.write) if isinstance(pipe.config, Omni2PipelineConfig) else None
     peak_rss = peak_rss_bytes()
     longs: list[dict] = []
+    longs: list[dict] = []
+    buffered: list[dict] = []
     if long_reply:  # the reply length sizes the pipeline's contexts, so the long replies get a pipeline of their own
         with Pipeline.load(bundle, base_config(bundle, encoder_mode, *long_reply)) as pipe:
             _first_chunk(pipe, True)
-            longs = [one_turn(pipe, DATA / "question.wav", True, pace) for _ in range(rounds)]
+            for _ in range(rounds):  # with a start buffer too (interleaved): what smooth playback costs
+                longs.append(one_turn(pipe, DATA / "question.wav", True, pace))
+                if start_buffer_s:
+                    buffered.append(one_turn(pipe, DATA / "question.wav", True, pace, start_buffer_s))
     report = {"schema": SCHEMA, "omnilite": __version__, "bundle": str(bundle), "family": family, "encoder_mode": mode,
               "rounds": rounds, "pace": pace, "max_new_tokens": max_new_tokens, "tts_tokens": tts_tokens,
               "cpu": host.cpu_record(), "threads": base.stage_threads, "pipeline_mode": base.mode, "packages": package_versions(),
               "peak_rss_mb": peak_rss / 2**20, "results": results}
     if long_reply:
         report["long_reply"] = {"max_new_tokens": long_reply[0], "tts_tokens": long_reply[1], "runs": longs}
+        if start_buffer_s:
+            report["long_reply"].update(start_buffer_s=start_buffer_s, buffered_runs=buffered)
     if checkpoint is not None:
         write_report(out.with_name(out.name + "-omnilite-only"), report, markdown(report))  # kept if the baseline dies
         report["torch"] = torch_rows(checkpoint, questions_audio(DATA / "question.wav"), rw, max_new_tokens, tts_tokens,
@@ -274,6 +282,11 @@ def markdown(report: dict) -> str:
                   f"{_p50(runs, 'rtf'):.2f} (speech stages' busy time summed, per second of audio), underruns "
                   f"{sum(r['underruns'] for r in runs)} blocks, stall p50 {_opt_p50(runs, 'stall_s')} s, TTFA p50 "
                   f"{_p50(runs, 'ttfa'):.3f} s.", ""]
+        if report["long_reply"].get("buffered_runs"):
+            b = report["long_reply"]["buffered_runs"]
+            lines += [f"With a {report['long_reply']['start_buffer_s']:.2f} s start buffer (`SessionConfig.start_buffer_s`, same "
+                      f"rounds, interleaved): TTFA p50 {_p50(b, 'ttfa'):.3f} s, underruns {sum(r['underruns'] for r in b)} "
+                      f"blocks, stall p50 {_opt_p50(b, 'stall_s')} s, wall RTF p50 {_opt_p50(b, 'wall_rtf', 2)}.", ""]
     if "torch" in report:
         t = report["torch"]
         ours = _p50(short["both"], "ttfa")
@@ -299,13 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tts-tokens", type=int, default=60, help="LLaMA-Omni2: speech tokens after the text ends (at most)")
     ap.add_argument("--long-reply", default=None, metavar="TEXT,SPEECH",
                     help="one more reply per round with TEXT tokens (+ SPEECH after the text, LLaMA-Omni2) for RTF")
+    ap.add_argument("--start-buffer", type=float, default=0.0, metavar="S",
+                    help="with --long-reply: also time each long reply with an S-second start buffer (interleaved)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="LLaMA-Omni2: the checkpoint, for the PyTorch baseline")
     ap.add_argument("--out", type=Path, default=None, help="result stem (default benchmarks/results/turn_latency-BUNDLE)")
     args = ap.parse_args(argv)
     long_reply = tuple(int(v) for v in args.long_reply.split(",")) if args.long_reply else None
     out = args.out or Path(__file__).parent / "results" / f"turn_latency-{args.bundle.name}"
     report = run(args.bundle, args.rounds, args.pace, args.encoder_mode, args.max_new_tokens, args.tts_tokens,
-                 long_reply, args.checkpoint, out)
+                 long_reply, args.checkpoint, out, args.start_buffer)
     write_report(out, report, markdown(report))
     return 0
 

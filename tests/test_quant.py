@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from omnilite.cli import main
+from omnilite.cli import build_parser, main
 from omnilite.quant import QuantizeOptions, measure_accuracy, quantize_bundle
 from omnilite.quant.accuracy import AccuracyOptions, kl_divergence, log_mel_distance_db, sequence_agreement
 from omnilite.quant.gguf_quant import gguf_tensor_types
@@ -201,6 +201,54 @@ def test_a_corrupted_quantized_weight_fails_the_report(quantized, bundle, tmp_pa
     # The intact bundle passed the same judgement (its report, measured when it was written).
     good = json.loads((quantized["balanced"] / MANIFEST).read_text())["quantization"]["accuracy"]
     assert good["ok"] and good["failed"] == []
+
+
+@pytest.fixture(scope="module")
+def gguf_types(bundle, tmp_path_factory) -> dict[str, Path]:
+    """The tiny bundle with only its LLM changed, to IQ4_NL and to BF16 (64-wide rows: IQ4_NL's
+    32-wide blocks fit, so unlike Q4_K_M every matrix gets the asked type)."""
+    root = tmp_path_factory.mktemp("gguf-types")
+    return {t: _quantize(bundle, root / t, "fp32", overrides={"llm": t}) for t in ("IQ4_NL", "BF16")}
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "BF16"])
+def test_iq4_nl_and_bf16_llms_load_and_meet_their_tolerance(gguf_types, qtype, bundle):
+    from omnilite.quant.presets import GGUF_PRECISIONS, tolerance
+
+    assert qtype in GGUF_PRECISIONS and build_parser().parse_args(["quantize", "B", "O", "--llm", qtype]).q_llm == qtype
+    b = load_bundle(gguf_types[qtype])
+    assert b.stages["llm"].precision == qtype and b.stages["encoder"].precision == "fp32"
+    details = b["quantization"]["stages"]["llm"]
+    types = details["tensor_types"]
+    assert types[qtype] >= 14 and "fallback" not in details and details["label"] == qtype, details
+    assert sum(types.values()) == sum(gguf_tensor_types(Path(bundle) / "llm.gguf").values())
+    # F32 source 73.8 MB -> IQ4_NL 21.2 MB (llama.cpp keeps the output matrix at Q8_0), BF16 40.8 MB
+    # (the tokenizer's metadata is the same in both).
+    assert details["bytes"] < details["source_bytes"] * {"IQ4_NL": 0.3, "BF16": 0.56}[qtype]
+    prompt = b["llm"]["prompt"]
+    with LlamaCppLLM(b.file("llm")) as llm:
+        logits, hidden = llm.eval_tokens(prompt["prefix_ids"] + prompt["suffix_ids"], want_last=True)
+    assert np.isfinite(logits).all() and np.isfinite(hidden).all()
+    rep = b["quantization"]["accuracy"]["stages"]["llm"]
+    bound = tolerance("llm", qtype).max["mean_kl"]
+    assert rep["ok"] and rep["tolerance"] == {"mean_kl<=": bound}
+    # Measured on this tiny LLM (16 tokens): IQ4_NL 0.178 (bound 0.45), BF16 1.8e-4 (bound 0.003).
+    kl = rep["metrics"]["mean_kl"]
+    assert {"IQ4_NL": 0.05, "BF16": 1e-6}[qtype] < kl <= bound
+
+
+def test_iq4_nl_judged_as_q8_0_fails_the_report(gguf_types, bundle, tmp_path):
+    """Injected fault: the IQ4_NL file recorded as Q8_0 (a quantizer that wrote the wrong type) is
+    judged by Q8_0's bound, mean KL <= 0.02, and fails it (tiny: KL 0.178), on the LLM alone."""
+    bad = shutil.copytree(gguf_types["IQ4_NL"], tmp_path / "bad")
+    m = json.loads((bad / MANIFEST).read_text())
+    next(s for s in m["stages"] if s["name"] == "llm")["precision"] = "Q8_0"
+    (bad / MANIFEST).write_text(json.dumps(m))
+    report = measure_accuracy(load_bundle(bad), load_bundle(bundle), AccuracyOptions(tokens=TOKENS))
+    good = json.loads((gguf_types["IQ4_NL"] / MANIFEST).read_text())["quantization"]["accuracy"]["stages"]["llm"]
+    assert report["failed"] == ["llm"] and report["stages"]["llm"]["failed_metrics"] == ["mean_kl"]
+    assert report["stages"]["llm"]["tolerance"] == {"mean_kl<=": 0.02}
+    assert report["stages"]["llm"]["metrics"]["mean_kl"] == pytest.approx(good["metrics"]["mean_kl"], rel=1e-3)
 
 
 def _error_line(capsys) -> str:

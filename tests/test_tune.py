@@ -23,11 +23,13 @@ TIE = TuneConfig().tie
 @pytest.fixture(scope="module")
 def tuned(bundle, tmp_path_factory):
     """The tiny LLaMA-Omni bundle tuned through the CLI, with an encoder tolerance no reduced
-    precision can meet (cosine above 1): int8 and int4 must be rejected with their metric."""
+    precision can meet (cosine above 1): int8 and int4 must be rejected with their metric; and an
+    LLM bound of Q8_0's 0.02 for every LLM type, which Q8_0 meets (tiny: KL 0.002) and IQ4_NL misses
+    (0.17), so a GGUF candidate is rejected too."""
     out = tmp_path_factory.mktemp("tune") / "tuned"
     rc = main(["-q", "tune", str(bundle), str(out), "--rounds", "2", "--try-threads", "1,2", "--mode-rounds", "1",
-               "--only", "encoder=fp32,int8,int4", "--only", "llm=F32,Q8_0", "--only", "decoder=fp32,int8",
-               "--only", "vocoder=fp32,fp16", "--tolerance", "encoder.cosine_mean=1.1",
+               "--only", "encoder=fp32,int8,int4", "--only", "llm=F32,Q8_0,IQ4_NL", "--only", "decoder=fp32,int8",
+               "--only", "vocoder=fp32,fp16", "--tolerance", "encoder.cosine_mean=1.1", "--tolerance", "llm.mean_kl=0.02",
                "--report-tokens", "8", "--decode-tokens", "8"])
     assert rc == 0
     return out
@@ -76,7 +78,10 @@ def test_timings_cover_every_accepted_candidate_and_thread_count(tuned):
         else:
             assert c["times"] == {} and c["first_s"] is None  # rejected: not timed
     llm = _rows(load_bundle(tuned, verify=False).manifest, "llm")
-    assert {(c["precision"].upper(), c["flash_attn"]) for c in llm} == {("F32", "off"), ("Q8_0", "on"), ("Q8_0", "off")}
+    assert {(c["precision"].upper(), c["flash_attn"]) for c in llm} == {
+        ("F32", "off"), ("Q8_0", "on"), ("Q8_0", "off"), ("IQ4_NL", "on"), ("IQ4_NL", "off")}
+    llm = [c for c in llm if c["accepted"]]  # IQ4_NL is rejected (see below): not timed
+    assert {c["precision"].upper() for c in llm} == {"F32", "Q8_0"}
     for c in llm:  # prefill of the turn's positions and per-token decode, per thread count
         assert c["times"]["2"]["positions"] > 0
         assert c["first_s"] >= c["times"]["2"]["prefill_s"]
@@ -96,6 +101,14 @@ def test_candidate_outside_tolerance_is_rejected_with_its_metric(tuned):
         assert c["metrics"]["cosine_mean"] < 1.1
     assert manifest["tuning"]["chosen"]["encoder"]["precision"] == "fp32"
     assert "| encoder | int4 |" in (tuned / "tune.md").read_text()
+    for c in _rows(manifest, "llm"):
+        if c["precision"] == "IQ4_NL":  # inside its own bound (0.6), outside the one asked for here
+            assert c["accepted"] is False and c["tolerance"] == {"mean_kl<=": 0.02}
+            assert c["rejected_because"].startswith("mean_kl=") and "misses <= 0.02" in c["rejected_because"]
+            assert 0.02 < c["metrics"]["mean_kl"] <= 0.6
+        else:
+            assert c["accepted"], c
+    assert manifest["tuning"]["chosen"]["llm"]["precision"].upper() in ("F32", "Q8_0")
 
 
 def _run_args(bundle: Path, *extra: str):
@@ -202,4 +215,34 @@ def test_omni2_tune_shares_the_vocoder_threads(omni2_bundle, tmp_path):
     assert not (result.path / "tune.json").exists()
     tts = [c for c in section["candidates"] if c["role"] == "tts"]
     assert all(c["accepted"] for c in tts) and all(c["times"]["1"]["tokens"] > 0 for c in tts)
-    assert any("BF16" in n for n in section["notes"])
+    # --only named no BF16: a note says why it was not tried only where the CPU lacks native bf16.
+    assert any("BF16" in n for n in section["notes"]) is (not detect_host().native_bf16)
+    assert not any("offers no BF16" in n for n in section["notes"])
+
+
+def _host(features: set[str]):
+    from omnilite.devices.host import HostInfo
+
+    return HostInfo("linux", "x86_64", "test CPU", "test", 2, 2, frozenset({"avx2", "fma", *features}), 8 << 30,
+                    ("CPUExecutionProvider",))
+
+
+def test_gguf_candidates_include_bf16_only_with_native_bf16(bundle):
+    """Default GGUF candidates: BF16 only where the CPU computes bf16 natively (the notes say which
+    applies), IQ4_NL never (4x Q4_K_M's KL on trained weights); `--only` can ask for either."""
+    from omnilite.devices.tune import _candidate_precisions
+
+    src = load_bundle(bundle, verify=False)
+    have = src.stages["llm"].precision  # the source's own file comes first
+    native, notes = _candidate_precisions(src, TuneConfig(), _host({"avx512f", "avx512_bf16"}))
+    assert native["llm"] == [have, "F16", "BF16", "Q8_0", "Q4_K_M"]
+    assert [n for n in notes if "BF16" in n] == ["GGUF BF16: tried for llm; this CPU has native bf16 (avx512_bf16)"]
+    emulated, notes = _candidate_precisions(src, TuneConfig(), _host({"avx512f"}))
+    assert emulated["llm"] == [have, "F16", "Q8_0", "Q4_K_M"]
+    assert [n for n in notes if "BF16" in n] == [
+        "GGUF BF16: not tried; this CPU has no native bf16 (lacks avx512_bf16 and amx_bf16), so llama.cpp would "
+        "emulate bf16 through f32 conversions; `--only llm=BF16` times it anyway"]
+    asked, notes = _candidate_precisions(src, TuneConfig(precisions={"llm": ("BF16", "IQ4_NL")}), _host(set()))
+    assert asked["llm"] == [have, "BF16", "IQ4_NL"]
+    assert [n for n in notes if "BF16" in n] == [
+        "GGUF BF16: tried for llm (named by --only for llm); this CPU has no native bf16 (lacks avx512_bf16 and amx_bf16)"]

@@ -19,7 +19,7 @@ def test_manifest_stages_hashes_and_parity(omni2_bundle):
     assert m["family"] == "llama-omni2" and m["streaming"] == {"read": 3, "write": 10}
     stages = {s["name"]: s for s in m["stages"]}
     assert set(stages) == {"encoder", "llm", "tts_lm", "tts_fusion", "tts_text_embed", "flow_encoder", "flow_estimator",
-                           "flow_noise", "hift_f0", "hift"}
+                           "flow_estimator_cached", "flow_noise", "hift_f0", "hift"}
     for s in stages.values():
         assert s["sha256"] == sha256_file(omni2_bundle / s["file"])
     # The official estimator inputs, plus the attention chunk (an inference setting, not a weight).

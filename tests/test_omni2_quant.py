@@ -24,7 +24,8 @@ from omni2_fixtures import MAX_TTS, N_TOKENS, QUESTION
 
 EXPECTED_SMALL = {
     "encoder": "int4", "llm": "Q4_K_M", "tts_lm": "Q4_K_M", "tts_text_embed": "fp16", "tts_fusion": "fp32",
-    "flow_encoder": PRESETS["small"].flow, "flow_estimator": PRESETS["small"].flow, "flow_noise": "fp32",
+    "flow_encoder": PRESETS["small"].flow, "flow_estimator": PRESETS["small"].flow,
+    "flow_estimator_cached": PRESETS["small"].flow, "flow_noise": "fp32",
     "hift_f0": "fp32", "hift": "fp32",
 }
 JUDGED = ("encoder", "llm", "tts", "flow")  # the roles `small` changes (HiFT stays fp32)
@@ -103,6 +104,28 @@ def test_small_bundle_replies_end_to_end(omni2_small, omni2_bundle, question_16k
     print(f"small vs fp32: teacher-forced mean KL {kl:.4f}, top-1 {np.mean(np.argmax(logits_q, axis=-1) == ref.tokens):.3f}, "
           f"free-running token agreement {sequence_agreement(ref.tokens, got.tokens):.3f}")
     assert 0 < kl <= tolerance("llm", "Q4_K_M").max["mean_kl"]
+
+
+def test_iq4_nl_llm_and_tts_lm_meet_their_tolerance(omni2_bundle, tmp_path):
+    """IQ4_NL for both GGUF roles (the rest as exported): each judged at IQ4_NL's bound (0.6) and
+    within it; the same metrics fail Q8_0's bound (0.02). Tiny, 32 tokens: LLM 0.135, TTS LM 0.139."""
+    out = tmp_path / "iq4nl"
+    assert main(["quantize", str(omni2_bundle), str(out), "--preset", "fp32", "--llm", "IQ4_NL", "--tts", "IQ4_NL"]) == 0
+    b = load_bundle(out)
+    assert (b.stages["llm"].precision, b.stages["tts_lm"].precision, b.stages["tts_text_embed"].precision) == (
+        "IQ4_NL", "IQ4_NL", "fp16")
+    stages = b["quantization"]["stages"]
+    assert stages["llm"]["tensor_types"]["IQ4_NL"] >= 14 and stages["llm"]["label"] == "IQ4_NL"
+    # The tiny TTS LM's 48-wide rows do not split into IQ4_NL's 32-wide blocks: only two matrices take it.
+    assert stages["tts_lm"]["tensor_types"].get("IQ4_NL", 0) >= 1
+    report = b["quantization"]["accuracy"]
+    assert report["ok"]
+    for role in ("llm", "tts"):
+        rep = report["stages"][role]
+        bound = tolerance(role, "IQ4_NL").max["mean_kl"]
+        assert rep["precision"] == "IQ4_NL" and rep["tolerance"] == {"mean_kl<=": bound} and rep["ok"], (role, rep)
+        assert 0.05 < rep["metrics"]["mean_kl"] <= bound, (role, rep["metrics"])
+        assert tolerance(role, "Q8_0").check(rep["metrics"]) == ["mean_kl"], role  # injected fault: the wrong bound
 
 
 def test_an_override_the_family_lacks_is_one_sentence(omni2_bundle, omni2_checkpoint, tmp_path, capsys):

@@ -11,6 +11,9 @@ Stages and files:
                             by the runtime: llama.cpp has no embedding lookup to call)
 * ``flow_encoder.onnx``     speech tokens -> mu (the flow's conformer encoder, 2x upsampled)
 * ``flow_estimator.onnx``   the causal U-Net vector field with the official inputs (x, mask, mu, t, spks, cond)
+* ``flow_estimator_cached.onnx`` the same U-Net on a stream step's new frames only, given the flow cache
+                            of the frames before (each transformer block's normed input, each causal
+                            conv's last 2 inputs): the runtime's stream solves each chunk once
 * ``flow_noise.npy``        the flow's fixed initial noise (80 x 15000), which numpy cannot redraw
 * ``hift_f0.onnx``          HiFT's f0 predictor
 * ``hift.onnx``             HiFT decode from mel + NSF source (the source is made in numpy)
@@ -40,7 +43,7 @@ from ..bundle_dir import building_dir, record_parity
 from ..onnx_export import export_onnx, io_shapes
 from ..speech_encoder import PADDING_CACHE_FILE, encoder_manifest, padding_cache
 from .checkpoint import Omni2Checkpoint
-from .flow import EstimatorStage, FlowEncoderStage
+from .flow import CachedEstimatorStage, EstimatorStage, FlowEncoderStage, cache_layout
 from .gguf_qwen2 import write_qwen2_gguf
 from .hift import F0_RECEPTIVE_FIELD, HiFTF0, receptive_field_frames
 from .reference import DEFAULT_MAX_TTS_TOKENS, Omni2ReferencePipeline
@@ -123,6 +126,7 @@ def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2
           torch.zeros(2, 80, 2 * t), torch.tensor(14)),
          {"x": {2: "frames"}, "mask": {2: "frames"}, "mu": {2: "frames"}, "t": {}, "spks": {}, "cond": {2: "frames"}, "chunk_frames": {}},
          {"estimator_out": {2: "frames"}}),
+        ("flow_estimator_cached.onnx", CachedEstimatorStage(flow), cached_example(flow, 2 * t), *CACHED_ESTIMATOR_AXES),
         ("hift_f0.onnx", HiFTF0(hift), (torch.zeros(1, 80, t),), {"mel": {2: "frames"}}, {"f0": {1: "frames"}}),
         ("hift.onnx", hift, (torch.zeros(1, 80, t), torch.zeros(1, t * hift.c.hop)), {"mel": {2: "frames"}, "source": {1: "samples"}},
          {"audio": {1: "samples"}}),
@@ -159,7 +163,9 @@ def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2
         step("parity")
         from .parity import measure_parity
 
-        record_parity(manifest, tmp, measure_parity(ref, tmp), options.strict_parity)
+        report = measure_parity(ref, tmp)
+        report["flow_estimator_cached"] = cached_estimator_parity(flow, tmp / "flow_estimator_cached.onnx")
+        record_parity(manifest, tmp, report, options.strict_parity)
     steps.update()
     steps.close()
 
@@ -167,8 +173,58 @@ def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2
 STAGE_FILES = (
     ("encoder", "encoder.onnx"), ("llm", "llm.gguf"), ("tts_lm", "tts_lm.gguf"), ("tts_fusion", "tts_fusion.onnx"),
     ("tts_text_embed", "tts_text_embed.npy"), ("flow_encoder", "flow_encoder.onnx"), ("flow_estimator", "flow_estimator.onnx"),
-    ("flow_noise", "flow_noise.npy"), ("hift_f0", "hift_f0.onnx"), ("hift", "hift.onnx"),
+    ("flow_estimator_cached", "flow_estimator_cached.onnx"), ("flow_noise", "flow_noise.npy"), ("hift_f0", "hift_f0.onnx"), ("hift", "hift.onnx"),
 )
+
+
+CACHED_ESTIMATOR_MAX_ABS = 1e-4  # fp32: the cached graph re-orders sums only
+# Dynamic axes of flow_estimator_cached.onnx: inputs, outputs.
+CACHED_ESTIMATOR_AXES = (
+    {"x": {2: "frames"}, "mu": {2: "frames"}, "t": {}, "spks": {}, "cond": {2: "frames"}, "past": {2: "past"},
+     "conv_context": {}, "chunk_frames": {}, "keep": {}},
+    {"velocity": {2: "frames"}, "new_past": {2: "keep"}, "conv_context_out": {}},
+)
+
+
+def cached_example(flow, frames: int) -> tuple[torch.Tensor, ...]:
+    """Example inputs of ``flow_estimator_cached.onnx``: P (past frames) and keep differ from N so every
+    length stays symbolic."""
+    blocks, width, channels, ctx = cache_layout(flow.decoder.estimator)
+    mel = torch.zeros(2, 80, frames)
+    return (mel, mel, torch.zeros(2), torch.zeros(2, 80), mel, torch.zeros(blocks, 2, frames // 2 + 6, width),
+            torch.zeros(2, channels, ctx), torch.tensor(14), torch.tensor(frames // 4))
+
+
+def cached_estimator_parity(flow, path: Path, frames: int = 0, seed: int = 0) -> dict:
+    """The exported cached estimator (onnxruntime), run as a stream runs it (steps of 1, 1.5 and the
+    remaining chunks, the cache growing by whole chunks) vs the PyTorch estimator on all frames at
+    once: max abs difference of the velocity, random inputs, the flow's own chunk."""
+    from omnilite.runtime.onnx_session import SessionOptions, open_session
+
+    est, chunk = flow.decoder.estimator, flow.c.chunk_frames
+    frames = frames or 3 * chunk + chunk // 2 + 1
+    blocks, width, channels, ctx = cache_layout(est)
+    g = torch.Generator().manual_seed(seed)
+    x, mu, cond = (torch.randn(2, 80, frames, generator=g) for _ in range(3))
+    t, spks = torch.rand(2, generator=g), torch.randn(2, 80, generator=g)
+    with torch.no_grad():
+        ref = est(x, torch.ones(2, 1, frames), mu, t, spks, cond, chunk).numpy()
+    sess = open_session(path, SessionOptions())
+    past, conv = np.zeros((blocks, 2, 0, width), np.float32), np.zeros((2, channels, ctx), np.float32)
+    got, start, steps = [], 0, 0
+    for end in sorted({chunk, chunk + chunk // 2, frames}):
+        keep = (end // chunk) * chunk - start if end < frames else end - start
+        sl = slice(start, end)
+        v, new_past, conv = sess.run(None, {"x": x[..., sl].numpy(), "mu": mu[..., sl].numpy(), "t": t.numpy(),
+                                            "spks": spks.numpy(), "cond": cond[..., sl].numpy(), "past": past, "conv_context": conv,
+                                            "chunk_frames": np.asarray(chunk, np.int64), "keep": np.asarray(keep, np.int64)})
+        got.append(v[..., :keep])
+        past = np.concatenate([past, new_past], axis=2)
+        start += keep
+        steps += 1
+    err = float(np.max(np.abs(np.concatenate(got, axis=2) - ref)))
+    return {"max_abs": err, "threshold": CACHED_ESTIMATOR_MAX_ABS, "frames": frames, "steps": steps,
+            "ok": err <= CACHED_ESTIMATOR_MAX_ABS}
 
 
 def turn_prefix_ids(tokenizer_dir: Path) -> list[int]:

@@ -471,3 +471,135 @@ class EstimatorStage(nn.Module):
 
     def forward(self, x, mask, mu, t, spks, cond, chunk_frames: torch.Tensor) -> torch.Tensor:
         return self.estimator(x, mask, mu, t, spks, cond, chunk_frames)
+
+
+# ----------------------------------------------------------------------------- cached estimator
+
+
+def _causal_convs(est: ConditionalDecoder) -> list[CausalConv1d]:
+    """The estimator's causal (k=3) convs in the order the forward runs them: each resnet's two block
+    convs, the down conv, ..., the up conv, the final block's conv. Their last inputs are the conv
+    part of the flow cache."""
+    convs: list[CausalConv1d] = []
+
+    def resnet(r: CausalResnetBlock1D) -> None:
+        convs.extend([r.block1.block[0], r.block2.block[0]])
+
+    resnet(est.down_blocks[0][0])
+    convs.append(est.down_blocks[0][2])
+    for r, _ in est.mid_blocks:
+        resnet(r)
+    resnet(est.up_blocks[0][0])
+    convs.append(est.up_blocks[0][2])
+    convs.append(est.final_block.block[0])
+    return convs
+
+
+def cache_layout(est: ConditionalDecoder) -> tuple[int, int, int, int]:
+    """(transformer blocks, their width, conv context channels in all, conv context frames) of the
+    flow cache of `est`: ``past`` is (blocks, 2, P, width), ``conv_context`` (2, channels, frames)."""
+    convs = _causal_convs(est)
+    blocks = sum(len(b[1]) for b in (*est.down_blocks, *est.mid_blocks, *est.up_blocks))
+    width = est.down_blocks[0][1][0].norm1.normalized_shape[0]
+    ctx = {c.left for c in convs}
+    if len(ctx) != 1:
+        raise ValueError(f"the estimator's causal convs have different left contexts {sorted(ctx)}")
+    return blocks, width, sum(c.in_channels for c in convs), ctx.pop()
+
+
+def _mish(x: torch.Tensor) -> torch.Tensor:
+    """Mish, x tanh(softplus(x)), as x n / (n + 2) with n = e^x (e^x + 2): one Exp instead of
+    onnxruntime's scalar Softplus + Tanh (14% of the estimator's time at the released shape). e^x is
+    capped at e^20, past which the ratio is 1 in float32."""
+    e = torch.exp(torch.clamp(x, max=20.0))
+    n = e * (e + 2.0)
+    return x * n / (n + 2.0)
+
+
+class CachedEstimatorStage(nn.Module):
+    """The estimator on the N new frames of a chunk-attention solve after P frames solved before
+    (whole chunks: the new frames start a chunk), exactly as the frames of a whole-utterance call.
+
+    Inputs: x, mu, cond (2, 80, N); t (2,); spks (2, 80) (the CFG batch, as `EstimatorStage`);
+    ``past`` (blocks, 2, P, width): every transformer block's *normed input* (``norm1(x)``, what its
+    attention projects keys and values from) at the P past frames; ``conv_context`` (2, C, 2): the last
+    2 inputs before the new frames of every causal conv, concatenated over the convs in forward order
+    (zeros at the utterance start = the convs' zero padding); ``chunk_frames`` (); ``keep`` (): how
+    many of the new frames the next call may cache (those of chunks now complete).
+    Outputs: ``velocity`` (2, 80, N); ``new_past`` (blocks, 2, keep, width): the normed inputs of the
+    first `keep` new frames, to append to ``past``; ``conv_context_out`` (2, C, 2): the convs' 2 inputs
+    before new frame `keep` (the context of a call starting there).
+
+    New frames attend to all P past frames (the caller trims P to its window) and to the new frames
+    of their own chunk and earlier ones. Keys and values of the past frames are re-projected per call:
+    the cache holds 256 channels per block and frame instead of 2 x 512."""
+
+    def __init__(self, flow: CausalMaskedDiffWithXvec):
+        super().__init__()
+        self.estimator = flow.decoder.estimator
+        self.convs = _causal_convs(self.estimator)
+
+    @staticmethod
+    def _attention(block: TransformerBlock, x: torch.Tensor, past: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (2, N, D), past (2, P, D) normed inputs, bias (N, P + N) -> (block output, normed new inputs)."""
+        a = block.attn1
+        b, n, _ = x.shape
+        xn = block.norm1(x)
+        kv = torch.cat([past, xn], dim=1)
+        q = a.to_q(xn).view(b, n, a.heads, a.head_dim).transpose(1, 2)
+        k = a.to_k(kv).view(b, -1, a.heads, a.head_dim).transpose(1, 2)
+        v = a.to_v(kv).view(b, -1, a.heads, a.head_dim).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(a.head_dim) + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(b, n, -1)
+        x = x + a.to_out[0](out)
+        h = block.norm3(x)
+        for m in block.ff.net:
+            h = m(h)
+        return x + h, xn
+
+    def forward(self, x, mu, t, spks, cond, past, conv_context, chunk_frames, keep):
+        est = self.estimator
+        n = x.shape[-1]
+        temb = est.time_mlp(sinusoidal_time(t, est.in_channels))
+        h = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, n), cond], dim=1)
+        new_keep = chunk_mask(n, chunk_frames, x.device)  # (N, N): the new frames' own chunks
+        seen = torch.cat([torch.ones(n, past.shape[2], dtype=torch.bool, device=x.device), new_keep], dim=1)
+        bias = (1.0 - seen.to(x.dtype)) * torch.finfo(x.dtype).min
+        ctx_out, new_past = [], []
+        offset = [0]
+        convs = iter(self.convs)
+
+        def conv(y: torch.Tensor) -> torch.Tensor:
+            c = next(convs)
+            lo = offset[0]
+            offset[0] += c.in_channels
+            full = torch.cat([conv_context[:, lo:offset[0]], y], dim=2)  # (2, C, 2 + N)
+            ctx_out.append(full[:, :, keep:keep + c.left])
+            return F.conv1d(full, c.weight, c.bias)
+
+        def block1d(blk: CausalBlock1D, y: torch.Tensor) -> torch.Tensor:
+            _, _, norm, _, _ = blk.block
+            return _mish(norm(conv(y).transpose(1, 2)).transpose(1, 2))
+
+        def resnet(r: CausalResnetBlock1D, y: torch.Tensor) -> torch.Tensor:
+            z = block1d(r.block1, y) + r.mlp(temb)[:, :, None]
+            return block1d(r.block2, z) + r.res_conv(y)
+
+        def attend(y: torch.Tensor, blocks: nn.ModuleList) -> torch.Tensor:
+            y = y.transpose(1, 2)
+            for blk in blocks:
+                y, xn = self._attention(blk, y, past[len(new_past)], bias)
+                new_past.append(xn[:, :keep])
+            return y.transpose(1, 2)
+
+        r, blocks, _ = est.down_blocks[0]
+        h = attend(resnet(r, h), blocks)
+        skip = h
+        h = conv(h)
+        for r, blocks in est.mid_blocks:
+            h = attend(resnet(r, h), blocks)
+        r, blocks, _ = est.up_blocks[0]
+        h = attend(resnet(r, torch.cat([h, skip], dim=1)), blocks)
+        h = conv(h)
+        h = block1d(est.final_block, h)
+        return est.final_proj(h), torch.stack(new_past), torch.cat(ctx_out, dim=1)

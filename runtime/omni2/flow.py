@@ -10,7 +10,7 @@ that reads ``pre_lookahead_len`` (3) tokens ahead. So, like the official streami
 runs on the tokens so far plus 3 lookahead tokens, drops the lookahead's frames and emits the frames
 since the last step. A shorter hop than the chunk emits frames of a chunk before the chunk's later
 tokens exist (earlier audio, slight drift: those frames are not revised). A short *first* hop (the
-first-chunk fast path; CosyVoice2's own streaming starts with 25 tokens, then 50, 100) is followed
+first-chunk fast path: 17 tokens, two TTS writes; CosyVoice2's own streaming starts with 25, then 50, 100) is followed
 by steps that end on multiples of the hop again (growing to it), so with a chunk-aligned hop only
 the first step's frames drift (counted in ``FlowStream.drift_frames``, measured in tests/test_first_chunk.py).
 
@@ -21,6 +21,18 @@ only the current chunk and ``left_chunks`` earlier ones (by default as many as m
 of audio is flat. Replies up to the window still equal whole-utterance synthesis exactly; later
 frames drift (older context is dropped: measured in tests/test_vocoder_cost.py).
 ``window_tokens=None`` keeps every chunk (exact at any length, quadratic).
+
+Flow cache (bundles with ``flow_estimator_cached.onnx``, the bundle's chunk, the trained Euler
+steps): the frames of a completed chunk never change when later tokens arrive, so each step solves
+only the frames from the start of its first incomplete chunk to its end, given a `FlowCache` of the
+completed chunks (per Euler step: every transformer block's normed input, from which the graph
+re-projects keys and values, and every causal conv's last 2 inputs). Only frames of chunks complete
+at a step's end are appended (a partial chunk is re-solved by the next step, as without the cache).
+The window then bounds the cache: at most ``left_chunks`` completed chunks are kept, so the new
+frames attend to that many earlier chunks, each of which was itself solved with its own left
+context (closer to whole-utterance synthesis than re-solving the window's first chunks with none).
+``window_tokens=None`` keeps every chunk: exact at any length, and linear in the reply. The encoder
+(mu) runs as without the cache.
 """
 
 from __future__ import annotations
@@ -34,9 +46,14 @@ from ..errors import OmniliteError
 from ..onnx_session import SessionOptions, open_session
 
 
-# The first step's tokens in the Omni2 pipeline's default (Omni2PipelineConfig.flow): CosyVoice2's
-# streaming hop (token_hop_len 25 in cosyvoice/cli/model.py), half of LLaMA-Omni2's 50-token chunk.
-FIRST_HOP_TOKENS = 25
+# The first step's tokens in the Omni2 pipeline's default (Omni2PipelineConfig.flow): with the
+# 3-token lookahead, the first 20 speech tokens, i.e. two of the release's W=10 writes. CosyVoice2's
+# own streaming starts at 25 (token_hop_len in cosyvoice/cli/model.py), which needs a third write
+# (~0.3 s more on a 2-core CPU). The price: the first hop's frames are solved without the rest of
+# their 50-token chunk, 13.8-14.0 dB mel SNR on them vs 17.2-17.3 at 25 on the tiny random flow
+# (tests/test_first_chunk.py; every later frame is exact).
+FIRST_HOP_TOKENS = 17
+CACHED_ESTIMATOR = "flow_estimator_cached"  # optional stage (newer bundles): the stream's flow cache
 DEFAULT_WINDOW_TOKENS = 150  # 6 s: 3 chunks as LLaMA-Omni2 runs the flow, 6 as CosyVoice2 streams
 # Token context the encoder gets before the estimator's window, in chunks: the window's first frames
 # then get mu from tokens with left context (measured: less drift than 0; 2 gains nothing more).
@@ -60,13 +77,24 @@ class FlowStreamConfig:
     # Euler steps of the ODE; None: the bundle's (10, as trained). Fewer cost proportionally less but
     # change the mel (drift measured in benchmarks/omni2_speech_cost.py): an option, never a default.
     n_timesteps: int | None = None
+    # Solve only each step's new frames from a flow cache when the bundle has the cached estimator and
+    # the stream runs the bundle's chunk with the trained Euler steps (see the module docstring).
+    flow_cache: bool = True
+    # Store the cache in float16 (half the memory; the graph still gets float32). Not exact: ~1e-3
+    # relative on the cached normed inputs, below an int8 estimator's own activation rounding
+    # (measured in benchmarks/omni2_flow_cache.py); False keeps the cached stream exact at fp32.
+    cache_fp16: bool = False
 
 
 class FlowDecoder:
     def __init__(self, bundle: Bundle, options: SessionOptions = SessionOptions()):
         cfg = bundle["flow"]
         self.encoder = open_session(bundle.file("flow_encoder"), options)
-        self.estimator = open_session(bundle.file("flow_estimator"), options)
+        # The two estimators hold the same weights: the one the default stream runs (the cached one when
+        # the bundle has it) is opened now, the other on first use (offline synthesis, other chunks).
+        self._files = {name: bundle.file(name) for name in ("flow_estimator", CACHED_ESTIMATOR) if name in bundle.stages}
+        self._options, self._sessions = options, {}
+        self._session(CACHED_ESTIMATOR if CACHED_ESTIMATOR in self._files else "flow_estimator")
         self.noise = np.load(bundle.file("flow_noise"), mmap_mode="r")  # (80, frames)
         self.mel_bins = int(cfg["mel_bins"])
         self.ratio = int(cfg["token_mel_ratio"])
@@ -88,6 +116,60 @@ class FlowDecoder:
     @property
     def chunk_frames(self) -> int:
         return self.chunk_tokens * self.ratio
+
+    def _session(self, name: str):
+        if name not in self._sessions:
+            self._sessions[name] = open_session(self._files[name], self._options)
+        return self._sessions[name]
+
+    @property
+    def estimator(self):
+        return self._session("flow_estimator")
+
+    @estimator.setter
+    def estimator(self, session) -> None:  # a wrapped session (tests count its inputs)
+        self._sessions["flow_estimator"] = session
+
+    @property
+    def cached_estimator(self):
+        return self._session(CACHED_ESTIMATOR)
+
+    @property
+    def has_cached_estimator(self) -> bool:
+        return CACHED_ESTIMATOR in self._files
+
+    def solve_cached(self, mu: np.ndarray, start: int, cache: "FlowCache", keep: int, chunk_tokens: int | None = None) -> np.ndarray:
+        """`solve` of mel frames [start, start + n) (mu (80, n)) after the frames in `cache` (which must
+        end at `start`, a chunk boundary), attending to every cached frame; the first `keep` new frames
+        (whole chunks) are appended to the cache. Equals those frames of a whole solve when the cache
+        holds every earlier frame."""
+        n = mu.shape[1]
+        chunk = (chunk_tokens or self.chunk_tokens) * self.ratio
+        if cache.end != start or start % chunk or keep % chunk or not 0 <= keep <= n:
+            raise OmniliteError(f"a cached flow solve must start at a chunk boundary right after its cache and cache whole "
+                                f"chunks: cache ends at frame {cache.end}, start {start}, keep {keep} of {n}, chunk {chunk}.")
+        if start + n > self.noise.shape[1]:
+            raise OmniliteError(f"the reply needs {start + n} mel frames but the flow's fixed noise covers "
+                                f"{self.noise.shape[1]} (300 s); shorten the reply (max_new_tokens).")
+        est = self.cached_estimator
+        x2 = np.empty((2, self.mel_bins, n), np.float32)  # the batch's two rows hold the same x
+        x2[0] = self.noise[:, start:start + n]
+        mu_in = np.zeros((2, self.mel_bins, n), np.float32)
+        mu_in[0] = mu
+        feeds = {"mu": mu_in, "spks": np.stack([self.spks, np.zeros_like(self.spks)]),
+                 "cond": np.zeros((2, self.mel_bins, n), np.float32), "x": x2,
+                 "chunk_frames": np.asarray(chunk, np.int64), "keep": np.asarray(keep, np.int64)}
+        r, t_span = self.cfg_rate, self.t_span
+        for step in range(1, len(t_span)):
+            t, dt = t_span[step - 1], t_span[step] - t_span[step - 1]
+            x2[1] = x2[0]
+            feeds["t"] = np.full(2, t, np.float32)
+            feeds["past"], feeds["conv_context"] = cache.state(step - 1, est)
+            v, new_past, context = est.run(None, feeds)
+            cache.append(step - 1, new_past, context)
+            x2[0] += dt * ((1 + r) * v[0] - r * v[1])
+        cache.end = start + keep
+        return x2[0].copy()
 
     def mu(self, tokens: list[int], chunk_tokens: int | None = None) -> np.ndarray:
         """(T,) tokens -> (80, ratio*T)."""
@@ -130,6 +212,53 @@ class FlowDecoder:
         return FlowStream(self, config)
 
 
+class FlowCache:
+    """What later frames need from the completed chunks' frames [end - frames, end), per Euler step
+    (both CFG rows): ``past`` (blocks, 2, frames, width), every transformer block's normed input, and
+    ``conv_context`` (2, channels, 2), every causal conv's last 2 inputs before `end`. fp32; at the
+    released shape (56 blocks x 256) 1.15 MB per mel frame over the 10 steps, 57 MB per second of audio."""
+
+    def __init__(self, max_frames: int | None = None, dtype=np.float32):
+        self.end = 0  # absolute mel frame after the cached ones
+        self.max_frames = max_frames  # the window: older frames are evicted as new ones come (None: keep all)
+        self.dtype = np.dtype(dtype)  # of the stored normed inputs (float16 halves them; fed as float32)
+        self.evicted = 0  # frames evicted (per Euler step)
+        self.steps: dict[int, list[np.ndarray]] = {}
+
+    def state(self, step: int, session) -> list[np.ndarray]:
+        if step not in self.steps:
+            shapes = {i.name: i.shape for i in session.get_inputs()}
+            blocks, _, _, width = shapes["past"]
+            _, channels, ctx = shapes["conv_context"]
+            self.steps[step] = [np.zeros((blocks, 2, 0, width), self.dtype), np.zeros((2, channels, ctx), np.float32)]
+        past, context = self.steps[step]
+        return [past if past.dtype == np.float32 else past.astype(np.float32), context]
+
+    def append(self, step: int, new_past: np.ndarray, context: np.ndarray) -> None:
+        """Add the new frames' normed inputs; beyond `max_frames` the oldest go (one copy for both)."""
+        past = self.steps[step][0]
+        if new_past.shape[2]:
+            drop = 0 if self.max_frames is None else max(0, past.shape[2] + new_past.shape[2] - self.max_frames)
+            if step == 0:
+                self.evicted += drop
+            past = np.concatenate([past[:, :, drop:], new_past[:, :, max(0, drop - past.shape[2]):].astype(self.dtype)], axis=2)
+        self.steps[step] = [past, context]
+
+    @property
+    def frames(self) -> int:
+        return next(iter(self.steps.values()))[0].shape[2] if self.steps else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for s in self.steps.values() for a in s)
+
+    @property
+    def bytes_per_frame(self) -> int:
+        """Bytes one more cached frame costs (all Euler steps): the cache's bytes per second of audio
+        is this x the mel frame rate (50 Hz)."""
+        return sum(s[0].shape[0] * s[0].shape[1] * s[0].shape[3] * s[0].itemsize for s in self.steps.values())
+
+
 class FlowStream:
     """Tokens in (any burst size), mel frames out in order; see the module docstring.
 
@@ -154,6 +283,7 @@ class FlowStream:
             self.left_chunks = -(-config.window_tokens // self.chunk) - 1
         self.t_span = flow.t_span if config.n_timesteps in (None, flow.n_timesteps) else flow.schedule(config.n_timesteps)
         self._windowed = False  # some step dropped earlier chunks
+        self._rounded = False  # some step read float16-rounded cached frames
         self.drift_frames = 0  # emitted frames solved before their chunk's tokens were all there
         self.tokens: list[int] = []
         self._tokens_start = 0  # absolute index of self.tokens[0]: older tokens are out of every window
@@ -161,11 +291,17 @@ class FlowStream:
         self.steps = 0
         self.max_window_frames = 0
         self.max_encoder_tokens = 0
+        # The flow cache (module docstring): the bundle's stage, chunk and Euler steps.
+        self.cache = (FlowCache(None if self.left_chunks is None else self.left_chunks * self.chunk * flow.ratio,
+                                np.float16 if config.cache_fp16 else np.float32)
+                      if config.flow_cache and flow.has_cached_estimator and self.chunk == flow.chunk_tokens
+                      and self.t_span is flow.t_span else None)
+        self.max_cache_bytes = 0
 
     @property
     def exact(self) -> bool:
         """Every frame emitted so far equals whole-utterance synthesis at this chunk."""
-        return self.drift_frames == 0 and not self._windowed and self.t_span is self.flow.t_span
+        return self.drift_frames == 0 and not self._windowed and not self._rounded and self.t_span is self.flow.t_span
 
     def _next_end(self) -> int:
         """Where the next step ends: the first hop, then the next multiple of the hop, but at most at
@@ -202,9 +338,17 @@ class FlowStream:
         enc = max(0, win - ENCODER_EXTRA_CHUNKS * self.chunk)  # both on chunk boundaries: same masks
         stop = end if final else end + f.lookahead
         toks = self.tokens[enc - self._tokens_start:stop - self._tokens_start]
+        if self.cache is not None:  # solve from the first incomplete chunk only; the cache holds the rest
+            win = first_chunk * self.chunk
         mu = f.mu(toks, self.chunk)[:, (win - enc) * f.ratio:(end - enc) * f.ratio]  # drop the lookahead's frames
-        mel = f.solve(mu, win * f.ratio, self.chunk, self.t_span)
-        self._windowed = self._windowed or win > 0
+        if self.cache is None:
+            mel = f.solve(mu, win * f.ratio, self.chunk, self.t_span)
+        else:
+            keep = (end // self.chunk * self.chunk - win) * f.ratio  # the frames of chunks now complete
+            self._rounded = self._rounded or (self.cache.dtype != np.float32 and self.cache.frames > 0)
+            mel = f.solve_cached(mu, win * f.ratio, self.cache, keep, self.chunk)
+            self.max_cache_bytes = max(self.max_cache_bytes, self.cache.nbytes)
+        self._windowed = self._windowed or (win > 0 if self.cache is None else enc > 0 or self.cache.evicted > 0)
         if not final and end % self.chunk:  # the end's chunk is incomplete: its frames so far drift
             self.drift_frames += (end - max(self._done, end - end % self.chunk)) * f.ratio
         self.max_window_frames = max(self.max_window_frames, mu.shape[1])

@@ -154,3 +154,12 @@ def test_cache_only_for_the_bundles_chunk_and_steps(flow):
     assert flow.stream(FlowStreamConfig(chunk_tokens=25)).cache is None
     assert flow.stream(FlowStreamConfig(n_timesteps=5)).cache is None
     assert flow.stream(FlowStreamConfig(flow_cache=False)).cache is None
+
+
+def test_cache_precision_follows_the_estimator(flow, monkeypatch):
+    """By default the cache is float32 for an fp32 cached estimator (exact) and float16 for a quantized
+    one, whose own activation rounding is larger (benchmarks/results/omni2-flow-cache-0.5B-small.md)."""
+    assert flow.cache_fp16(None) is False and _stream(flow, _units(60), FlowStreamConfig())[1].cache.dtype == np.float32
+    monkeypatch.setattr(flow, "_cached_precision", "int8")
+    assert flow.cache_fp16(None) is True and flow.cache_fp16(False) is False
+    assert _stream(flow, _units(60), FlowStreamConfig())[1].cache.dtype == np.float16

@@ -81,9 +81,11 @@ class FlowStreamConfig:
     # the stream runs the bundle's chunk with the trained Euler steps (see the module docstring).
     flow_cache: bool = True
     # Store the cache in float16 (half the memory; the graph still gets float32). Not exact: ~1e-3
-    # relative on the cached normed inputs, below an int8 estimator's own activation rounding
-    # (measured in benchmarks/omni2_flow_cache.py); False keeps the cached stream exact at fp32.
-    cache_fp16: bool = False
+    # relative on the cached normed inputs, below an int8 estimator's own activation rounding (real
+    # shape, int8: the fp16 cache is 47.6 dB from the fp32 one, while int8 itself is ~42 dB from a
+    # whole solve: benchmarks/omni2_flow_cache.py). None: float16 when the cached estimator is
+    # quantized (its own rounding dominates), float32 when it is fp32 (the exact path).
+    cache_fp16: bool | None = None
 
 
 class FlowDecoder:
@@ -93,6 +95,7 @@ class FlowDecoder:
         # The two estimators hold the same weights: the one the default stream runs (the cached one when
         # the bundle has it) is opened now, the other on first use (offline synthesis, other chunks).
         self._files = {name: bundle.file(name) for name in ("flow_estimator", CACHED_ESTIMATOR) if name in bundle.stages}
+        self._cached_precision = bundle.stages[CACHED_ESTIMATOR].precision if CACHED_ESTIMATOR in self._files else None
         self._options, self._sessions = options, {}
         self._session(CACHED_ESTIMATOR if CACHED_ESTIMATOR in self._files else "flow_estimator")
         self.noise = np.load(bundle.file("flow_noise"), mmap_mode="r")  # (80, frames)
@@ -137,6 +140,10 @@ class FlowDecoder:
     @property
     def has_cached_estimator(self) -> bool:
         return CACHED_ESTIMATOR in self._files
+
+    def cache_fp16(self, asked: bool | None) -> bool:
+        """`FlowStreamConfig.cache_fp16` resolved: None means float16 for a quantized cached estimator."""
+        return self._cached_precision not in ("fp32", None) if asked is None else asked
 
     def solve_cached(self, mu: np.ndarray, start: int, cache: "FlowCache", keep: int, chunk_tokens: int | None = None) -> np.ndarray:
         """`solve` of mel frames [start, start + n) (mu (80, n)) after the frames in `cache` (which must
@@ -293,7 +300,7 @@ class FlowStream:
         self.max_encoder_tokens = 0
         # The flow cache (module docstring): the bundle's stage, chunk and Euler steps.
         self.cache = (FlowCache(None if self.left_chunks is None else self.left_chunks * self.chunk * flow.ratio,
-                                np.float16 if config.cache_fp16 else np.float32)
+                                np.float16 if flow.cache_fp16(config.cache_fp16) else np.float32)
                       if config.flow_cache and flow.has_cached_estimator and self.chunk == flow.chunk_tokens
                       and self.t_span is flow.t_span else None)
         self.max_cache_bytes = 0

@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from omnilite.devices.profiles import Profile
 from omnilite.runtime.events import Done
+from omnilite.runtime.onnx_session import LazySessions
 from omnilite.runtime.pipeline import Pipeline, PipelineConfig
 
 # Fraction of the sustained peak (a BLAS GEMM, a large memory copy) that ONNX Runtime's and
@@ -39,14 +40,14 @@ LLM_CALL_OVERHEAD_S = 3e-4
 # Which pipeline stage (timing name) an ONNX file belongs to.
 STAGE_OF_FILE = {"encoder": "encoder", "speech_generator": "speech_generator", "unit_duration": "vocoder",
                  "vocoder": "vocoder", "tts_fusion": "speech_generator", "flow_encoder": "vocoder",
-                 "flow_estimator": "vocoder", "hift_f0": "vocoder", "hift": "vocoder"}
+                 "flow_estimator": "vocoder", "flow_estimator_cached": "vocoder", "hift_f0": "vocoder", "hift": "vocoder"}
 _MATMUL = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulInteger", "DynamicQuantizeMatMul",
            "QLinearMatMul", "MatMulNBits", "MatMulIntegerToFloat"}
 _CONV = {"Conv", "FusedConv", "ConvInteger", "QLinearConv"}
 # int8 arithmetic (MatMulNBits with accuracy level 4 computes in int8 on CPU; see quant/onnx_quant.py).
 _INT8 = {"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv", "MatMulNBits",
          "MatMulIntegerToFloat"}
-_UNQUANTIZED_GGUF = {"f32", "f16", "F32", "F16"}
+_UNQUANTIZED_GGUF = {"f32", "f16", "F32", "F16", "bf16", "BF16"}
 _PROFILE_NAME = re.compile(r"_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(_\d+)?\.json$")  # ORT's suffix to our prefix
 
 
@@ -147,12 +148,14 @@ def llm_work(shape: dict[str, int], precision: str, prompt_tokens: int, decode_c
 
 
 def _ort_sessions(pipe: Pipeline) -> list[ort.InferenceSession]:
-    """Every ONNX Runtime session the pipeline's stages hold (one attribute level down)."""
+    """Every ONNX Runtime session the pipeline's stages hold (one attribute level down, and the opened
+    ones of a stage's `LazySessions`)."""
     found = []
     for stage in vars(pipe).values():
         for value in (vars(stage).values() if hasattr(stage, "__dict__") else ()):
-            if isinstance(value, ort.InferenceSession) and value not in found:
-                found.append(value)
+            for session in (value.opened() if isinstance(value, LazySessions) else [value]):
+                if isinstance(session, ort.InferenceSession) and session not in found:
+                    found.append(session)
     return found
 
 

@@ -95,7 +95,7 @@ def tiny(calls: int, repeats: int) -> dict:
                     for r, b in zip(rows, best[mode]):
                         for k in ("wall_ms", "flow_ms", "hift_ms"):
                             b[k] = min(b[k], r[k])
-        est = voc._session("flow_estimator_cached")
+        est = voc.sessions["flow_estimator_cached"]
         shapes = {i.name: i.shape for i in est.get_inputs()}
         depth, _, _, inner = shapes["past_k"]
         return {"tokens": n_tokens, "calls": len(best["new"]), "repeats": repeats, "threads": 1,

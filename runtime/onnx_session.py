@@ -60,3 +60,27 @@ def open_session(path: Path, options: SessionOptions = SessionOptions()) -> ort.
         return ort.InferenceSession(str(path), so, providers=[p for p in options.providers if p in available])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a bad model file
         raise BundleError(f"{path} cannot be loaded by onnxruntime ({type(e).__name__}); re-export the bundle.") from None
+
+
+class LazySessions:
+    """Sessions by stage name, each opened on first use: a flow with a plain and a cached estimator
+    (the same weights) holds only the one its stream runs."""
+
+    def __init__(self, files: dict[str, Path], options: SessionOptions = SessionOptions()):
+        self.files, self.options = dict(files), options
+        self._open: dict[str, ort.InferenceSession] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __getitem__(self, name: str) -> ort.InferenceSession:
+        if name not in self._open:
+            self._open[name] = open_session(self.files[name], self.options)
+        return self._open[name]
+
+    def __setitem__(self, name: str, session) -> None:  # a wrapped session (tests count its inputs)
+        self._open[name] = session
+
+    def opened(self) -> list[ort.InferenceSession]:
+        return list(self._open.values())
+

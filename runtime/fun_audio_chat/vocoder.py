@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OmniliteError
-from ..onnx_session import SessionOptions, open_session
+from ..onnx_session import LazySessions, SessionOptions, open_session
 
 RECORD_FILE = "vocoder.json"
 STAGE_FILES = (("flow_encoder", "flow_encoder.onnx"), ("flow_estimator", "flow_estimator.onnx"), ("flow_noise", "flow_noise.npy"),
@@ -112,7 +112,9 @@ class OnnxVocoder:
             raise OmniliteError(f"{record} is missing; export the vocoder stages into {folder} first.")
         cfg = json.loads(record.read_text())
         files = {s["name"]: folder / s["file"] for s in cfg["stages"]}
-        self._files, self._options, self._sessions = files, options, {}
+        # The two estimators are opened on first use: a stream needs one of them (both at once would
+        # hold the DiT's weights twice).
+        self.sessions = LazySessions({k: files[k] for k in ("flow_estimator", CACHED_ESTIMATOR_STAGE[0]) if k in files}, options)
         self.encoder = open_session(files["flow_encoder"], options)
         self.f0_session = open_session(files["hift_f0"], options)
         self.decoder = open_session(files["hift"], options)
@@ -132,20 +134,13 @@ class OnnxVocoder:
 
     # -- flow
 
-    def _session(self, name: str):
-        """The two estimators are opened on first use: a stream needs one of them (both at once would
-        hold the DiT's weights twice)."""
-        if name not in self._sessions:
-            self._sessions[name] = open_session(self._files[name], self._options)
-        return self._sessions[name]
-
     @property
     def estimator(self):
-        return self._session("flow_estimator")
+        return self.sessions["flow_estimator"]
 
     @property
     def has_cached_estimator(self) -> bool:
-        return CACHED_ESTIMATOR_STAGE[0] in self._files and self.encoder_left_tokens is not None
+        return CACHED_ESTIMATOR_STAGE[0] in self.sessions and self.encoder_left_tokens is not None
 
     def mu_from(self, tokens: list[int], start: int, finalize: bool = True) -> np.ndarray:
         """mu of the frames of tokens[start:] (without the lookahead tokens' unless `finalize`), from
@@ -164,7 +159,7 @@ class OnnxVocoder:
         if p + n > self.noise.shape[1]:
             raise OmniliteError(f"the reply needs {p + n} mel frames but the flow's fixed noise covers {self.noise.shape[1]} (300 s); "
                                 "shorten the reply.")
-        est = self._session(CACHED_ESTIMATOR_STAGE[0])
+        est = self.sessions[CACHED_ESTIMATOR_STAGE[0]]
         x = np.array(self.noise[:, p:p + n], np.float32)  # the noise at these frames' absolute indices
         mu_in = np.zeros((2, self.mel_bins, n), np.float32)
         mu_in[0] = mu

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import OmniliteError
-from ..onnx_session import SessionOptions, open_session
+from ..onnx_session import LazySessions, SessionOptions, open_session
 
 
 # The first step's tokens in the Omni2 pipeline's default (Omni2PipelineConfig.flow): with the
@@ -94,10 +94,10 @@ class FlowDecoder:
         self.encoder = open_session(bundle.file("flow_encoder"), options)
         # The two estimators hold the same weights: the one the default stream runs (the cached one when
         # the bundle has it) is opened now, the other on first use (offline synthesis, other chunks).
-        self._files = {name: bundle.file(name) for name in ("flow_estimator", CACHED_ESTIMATOR) if name in bundle.stages}
-        self._cached_precision = bundle.stages[CACHED_ESTIMATOR].precision if CACHED_ESTIMATOR in self._files else None
-        self._options, self._sessions = options, {}
-        self._session(CACHED_ESTIMATOR if CACHED_ESTIMATOR in self._files else "flow_estimator")
+        self.sessions = LazySessions({name: bundle.file(name) for name in ("flow_estimator", CACHED_ESTIMATOR)
+                                      if name in bundle.stages}, options)
+        self._cached_precision = bundle.stages[CACHED_ESTIMATOR].precision if CACHED_ESTIMATOR in self.sessions else None
+        self.sessions[CACHED_ESTIMATOR if CACHED_ESTIMATOR in self.sessions else "flow_estimator"]
         self.noise = np.load(bundle.file("flow_noise"), mmap_mode="r")  # (80, frames)
         self.mel_bins = int(cfg["mel_bins"])
         self.ratio = int(cfg["token_mel_ratio"])
@@ -120,26 +120,21 @@ class FlowDecoder:
     def chunk_frames(self) -> int:
         return self.chunk_tokens * self.ratio
 
-    def _session(self, name: str):
-        if name not in self._sessions:
-            self._sessions[name] = open_session(self._files[name], self._options)
-        return self._sessions[name]
-
     @property
     def estimator(self):
-        return self._session("flow_estimator")
+        return self.sessions["flow_estimator"]
 
     @estimator.setter
     def estimator(self, session) -> None:  # a wrapped session (tests count its inputs)
-        self._sessions["flow_estimator"] = session
+        self.sessions["flow_estimator"] = session
 
     @property
     def cached_estimator(self):
-        return self._session(CACHED_ESTIMATOR)
+        return self.sessions[CACHED_ESTIMATOR]
 
     @property
     def has_cached_estimator(self) -> bool:
-        return CACHED_ESTIMATOR in self._files
+        return CACHED_ESTIMATOR in self.sessions
 
     def cache_fp16(self, asked: bool | None) -> bool:
         """`FlowStreamConfig.cache_fp16` resolved: None means float16 for a quantized cached estimator."""

@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if "schedules" not in skip:
         chunk = int(bundle["flow"]["chunk_tokens"])
         variants = {
-            "default (hop = chunk, 150-token window)": FlowStreamConfig(),
+            "default (hop = chunk, 100-token window)": FlowStreamConfig(),
             "5 Euler steps": FlowStreamConfig(n_timesteps=5),
             "window = 1 chunk (left_chunks 0)": FlowStreamConfig(left_chunks=0),
             "hop 2 chunks": FlowStreamConfig(hop_tokens=2 * chunk),

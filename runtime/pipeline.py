@@ -437,6 +437,17 @@ class Pipeline:
         reply.state.units.extend(new)
         return new
 
+    # A vocoder in two parts (LLaMA-Omni2: flow, then HiFT) runs them on two threads in overlapped
+    # mode, so each part gets a core while the other works: `_vocoder_front` (units -> what the back
+    # part takes) and `_vocoder_back` (-> audio); together they equal `_vocoder_step`.
+    split_vocoder = False
+
+    def _vocoder_front(self, reply: "Reply", units: list[int], final: bool) -> object:
+        raise NotImplementedError("a pipeline with split_vocoder = True implements _vocoder_front/_vocoder_back")
+
+    def _vocoder_back(self, reply: "Reply", front: object, final: bool) -> np.ndarray:
+        raise NotImplementedError("a pipeline with split_vocoder = True implements _vocoder_front/_vocoder_back")
+
     def _vocoder_step(self, reply: "Reply", units: list[int], final: bool) -> np.ndarray:
         with reply.clock.stage("vocoder"):
             wav = reply.stream.push(units)
@@ -595,17 +606,37 @@ class Reply:
                 for piece in pipe._speech_units(self, hidden, final):
                     clock.waited("speech_generator", units_ch.put(piece))
 
+        split = pipe.split_vocoder
+        front_ch: Channel | None = Channel(size, token, "vocoder-front") if split else None
+
+        def audio_out(wav: np.ndarray) -> None:
+            if len(wav):
+                clock.waited("vocoder", out.put(AudioChunk(wav, pipe.sample_rate)))
+
         def vocoder_worker() -> None:
             final = False
             while not final:
                 (units, final), waited = units_ch.get()
                 clock.waited("vocoder", waited)
-                wav = pipe._vocoder_step(self, units, final)
-                if len(wav):
-                    clock.waited("vocoder", out.put(AudioChunk(wav, pipe.sample_rate)))
+                if front_ch is not None:
+                    clock.waited("vocoder", front_ch.put((pipe._vocoder_front(self, units, final), final)))
+                else:
+                    audio_out(pipe._vocoder_step(self, units, final))
+            if front_ch is None:
+                out.put(_VOC_DONE)
+
+        def vocoder_back_worker() -> None:
+            final = False
+            while not final:
+                (front, final), waited = front_ch.get()
+                clock.waited("vocoder", waited)
+                audio_out(pipe._vocoder_back(self, front, final))
             out.put(_VOC_DONE)
 
-        for name, target in (("llm", llm_worker), ("units", units_worker), ("vocoder", vocoder_worker)):
+        workers = [("llm", llm_worker), ("units", units_worker), ("vocoder", vocoder_worker)]
+        if split:
+            workers.append(("vocoder-back", vocoder_back_worker))
+        for name, target in workers:
             t = threading.Thread(target=self._guard, args=(target,), name=f"omnilite-{name}", daemon=True)
             self.threads.append(t)
         for t in self.threads:

@@ -17,7 +17,7 @@ from omnilite.runtime.vocoder import VocoderStreamConfig
 from omni2_fixtures import MAX_TTS, N_TOKENS
 
 # Mel SNR of the first hop's frames (the only ones that drift) against whole-utterance synthesis, and
-# of a 5.6 s reply. Not 25 dB: those frames are solved from the first 20 tokens, as a 17-token chunk
+# of a 4 s reply. Not 25 dB: those frames are solved from the first 20 tokens, as a 17-token chunk
 # (CosyVoice2's trained streaming chunk) would solve them, and on this random flow, whose attention
 # is near uniform over the 50-token chunk, chunk-25 synthesis itself is 17 dB from chunk-50 synthesis
 # there. No first hop below the chunk reaches 25 dB on these frames (measured: 5 tokens 12-15 dB,
@@ -65,11 +65,11 @@ def test_default_first_hop_is_short_and_keeps_the_seam(parts):
     flow, voc = parts
     config = Omni2PipelineConfig().flow
     assert config.first_hop_tokens == FIRST_HOP_TOKENS == 17 and flow.chunk_tokens == 50
-    units = _units(140)  # 5.6 s: inside the window, so every frame but the first hop's is exact
+    units = _units(100)  # 4 s: inside the window, so every frame but the first hop's is exact
     whole = flow.offline(units)
     mel, audio, fs, first = _stream(flow, voc, units, config, burst=1)
     # The first audio comes from the first flow step, at 17 + 3 lookahead tokens (exact: 53).
-    assert fs.steps == 4 and first == 20, (fs.steps, first)
+    assert fs.steps == 3 and first == 20, (fs.steps, first)
     hop_frames = FIRST_HOP_TOKENS * flow.ratio
     assert fs.drift_frames == hop_frames and not fs.exact
     # Every frame after the first hop equals whole-utterance synthesis...
@@ -89,7 +89,7 @@ def test_first_hop_sweep_is_exact_after_the_first_step(parts, first_hop):
     boundary, so only the first step's frames drift. (Audio needs more: HiFT holds back its f0
     context and receptive field, 5 + 21 frames, so a 10-token first step's 20 frames give none yet.)"""
     flow, voc = parts
-    units = _units(120)
+    units = _units(100)  # inside the 100-token window
     whole_mel = flow.offline(units)
     mel, audio, fs, first, first_step = _stream_steps(flow, voc, units, FlowStreamConfig(first_hop_tokens=first_hop), burst=1)
     assert first_step == first_hop + flow.lookahead
@@ -104,7 +104,7 @@ def test_first_hop_sweep_is_exact_after_the_first_step(parts, first_hop):
 def test_exact_settings_stay_exact(parts):
     """A first hop that is a whole chunk, or the plain config, changes nothing."""
     flow, voc = parts
-    units = _units(120)
+    units = _units(100)  # inside the 100-token window
     whole_mel = flow.offline(units)
     for config in (FlowStreamConfig(), FlowStreamConfig(first_hop_tokens=50)):
         mel, _, fs, first = _stream(flow, voc, units, config, burst=1)
@@ -155,7 +155,7 @@ def _reply(bundle, question, config):
 def test_pipeline_first_audio_from_fewer_speech_tokens(omni2_bundle, omni2_reply, question_16k):
     base = dict(max_new_tokens=N_TOKENS, ignore_eos=True, max_tts_tokens=MAX_TTS, mode="sequential")
     fast, fast_first, _ = _reply(omni2_bundle, question_16k, Omni2PipelineConfig(**base))
-    slow, slow_first, _ = _reply(omni2_bundle, question_16k, Omni2PipelineConfig(**base, flow=FlowStreamConfig(),
+    slow, slow_first, _ = _reply(omni2_bundle, question_16k, Omni2PipelineConfig(**base, flow=FlowStreamConfig(window_tokens=None),
                                                                              vocoder=VocoderStreamConfig(crossfade=480)))
     # Same tokens and units (the flow schedule is downstream of them).
     assert fast.tokens == slow.tokens == omni2_reply.tokens and fast.units == slow.units == omni2_reply.units

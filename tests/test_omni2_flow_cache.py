@@ -22,7 +22,7 @@ from omnilite.runtime.omni2.flow import CACHED_ESTIMATOR, FlowCache, FlowDecoder
 
 EXACT_MAX_ABS = 1e-4  # cached vs uncached exact stream (measured ~1e-6 on the tiny: fp32 sum order)
 N_TOKENS = 230  # 4.6 chunks of 50
-LONG_TOKENS = 480  # 9.6 chunks: past the 150-token window
+LONG_TOKENS = 480  # 9.6 chunks: past the 100-token window
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +96,19 @@ def test_a_broken_cache_misses_the_threshold(flow, fault, monkeypatch):
 
 
 def test_default_window_drift_cached_vs_uncached(flow):
-    """Past the window (150 tokens = 2 left chunks) both streams drift from whole-utterance synthesis;
+    """Past the window (100 tokens = 1 left chunk) both streams drift from whole-utterance synthesis;
     the cached one less: its past chunks were each solved once with their own left context, not
     re-solved with the window's truncated one."""
     units = _units(LONG_TOKENS)
     whole = flow.offline(units)
     old, old_fs = _stream(flow, units, FlowStreamConfig(flow_cache=False))
     new, fs = _stream(flow, units, FlowStreamConfig())
-    assert old_fs.left_chunks == fs.left_chunks == 2 and not fs.exact and not old_fs.exact
-    # The cache never holds more than the window's 2 chunks (evicted as new ones come).
-    assert fs.cache.frames == 2 * flow.chunk_frames and fs.cache.evicted > 0
+    assert old_fs.left_chunks == fs.left_chunks == 1 and not fs.exact and not old_fs.exact
+    # The cache never holds more than the window's left chunk (evicted as new ones come).
+    assert fs.cache.frames == flow.chunk_frames and fs.cache.evicted > 0
     assert fs.max_cache_bytes == fs.cache.nbytes
-    assert sum(s[0].nbytes for s in fs.cache.steps.values()) == 2 * flow.chunk_frames * fs.cache.bytes_per_frame
-    win = 3 * flow.chunk_frames  # the first window is exact in both
+    assert sum(s[0].nbytes for s in fs.cache.steps.values()) == flow.chunk_frames * fs.cache.bytes_per_frame
+    win = 2 * flow.chunk_frames  # the first window is exact in both
     for name, mel in (("uncached", old), ("cached", new)):
         assert np.abs(mel[:, :win] - whole[:, :win]).max() <= EXACT_MAX_ABS
     d_old, d_new = (float(np.abs(m[:, win:] - whole[:, win:]).max()) for m in (old, new))

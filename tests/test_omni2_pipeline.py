@@ -13,8 +13,9 @@ from omnilite.runtime.omni2.pipeline import Omni2Pipeline, Omni2PipelineConfig
 
 from omni2_fixtures import MAX_TTS, N_TOKENS
 
-# The reference synthesises whole utterances; the runtime's exact schedule (first hop = the chunk) equals it.
-EXACT_FLOW = FlowStreamConfig()
+# The reference synthesises whole utterances; the runtime's exact schedule (first hop = the chunk, every
+# chunk in the window) equals it.
+EXACT_FLOW = FlowStreamConfig(window_tokens=None)
 
 
 def _run(pipe, audio, rate=16000):

@@ -17,7 +17,7 @@ the first step's frames drift (counted in ``FlowStream.drift_frames``, measured 
 Attention reaches back to the first frame, so re-solving the whole prefix each step (what the
 official calls do) costs O(reply^2): 11 min for a 75 s tiny reply. So each step's estimator sees
 only the current chunk and ``left_chunks`` earlier ones (by default as many as make the window
-``window_tokens``, 150 tokens = 6 s), the encoder one chunk more of tokens, and the work per second
+``window_tokens``, 100 tokens = 4 s), the encoder one chunk more of tokens, and the work per second
 of audio is flat. Replies up to the window still equal whole-utterance synthesis exactly; later
 frames drift (older context is dropped: measured in tests/test_vocoder_cost.py).
 ``window_tokens=None`` keeps every chunk (exact at any length, quadratic).
@@ -54,7 +54,14 @@ from ..onnx_session import LazySessions, SessionOptions, open_session
 # (tests/test_first_chunk.py; every later frame is exact).
 FIRST_HOP_TOKENS = 17
 CACHED_ESTIMATOR = "flow_estimator_cached"  # optional stage (newer bundles): the stream's flow cache
-DEFAULT_WINDOW_TOKENS = 150  # 6 s: 3 chunks as LLaMA-Omni2 runs the flow, 6 as CosyVoice2 streams
+# 4 s: the current 50-token chunk and one before it. With the flow cache the window's cost is the
+# re-projection of its past frames' keys and values: at the real 0.5B shape (int8, one thread) the
+# stream costs 0.63-0.65 s of flow per second of audio at 100 tokens, 0.78 at 150 (6 s), 0.47-0.48
+# at 50 (no past chunk), so a 2-core CPU keeps up with the TTS LM and HiFT only at 100 or less
+# (turn_latency: wall RTF 0.88-0.94 vs 1.04-1.06 at 150). The price is older context: mel SNR
+# against whole-utterance synthesis on the tiny random flow (a pessimistic case: near-uniform
+# attention) 20.3-22.6 dB at 100, 23.1-26.4 at 150, 15.9-17.2 at 50 (480 tokens).
+DEFAULT_WINDOW_TOKENS = 100
 # Token context the encoder gets before the estimator's window, in chunks: the window's first frames
 # then get mu from tokens with left context (measured: less drift than 0; 2 gains nothing more).
 ENCODER_EXTRA_CHUNKS = 1
@@ -343,6 +350,7 @@ class FlowStream:
         if self.cache is not None:  # solve from the first incomplete chunk only; the cache holds the rest
             win = first_chunk * self.chunk
         mu = f.mu(toks, self.chunk)[:, (win - enc) * f.ratio:(end - enc) * f.ratio]  # drop the lookahead's frames
+        evicted = 0 if self.cache is None else self.cache.evicted  # dropped before this step: its frames miss them
         if self.cache is None:
             mel = f.solve(mu, win * f.ratio, self.chunk, self.t_span)
         else:
@@ -350,7 +358,7 @@ class FlowStream:
             self._rounded = self._rounded or (self.cache.dtype != np.float32 and self.cache.frames > 0)
             mel = f.solve_cached(mu, win * f.ratio, self.cache, keep, self.chunk)
             self.max_cache_bytes = max(self.max_cache_bytes, self.cache.nbytes)
-        self._windowed = self._windowed or (win > 0 if self.cache is None else enc > 0 or self.cache.evicted > 0)
+        self._windowed = self._windowed or (win > 0 if self.cache is None else enc > 0 or evicted > 0)
         if not final and end % self.chunk:  # the end's chunk is incomplete: its frames so far drift
             self.drift_frames += (end - max(self._done, end - end % self.chunk)) * f.ratio
         self.max_window_frames = max(self.max_window_frames, mu.shape[1])

@@ -171,6 +171,14 @@ def measure_work(bundle: Path, config: PipelineConfig, audio: np.ndarray, rate: 
             decode_calls = sum(1 for name, _, _ in done.spans if name == "llm_decode")
             work.update(llm_work(pipe.llm.shape(), pipe.bundle.stages["llm"].precision, done.stats["prompt_tokens"],
                                  decode_calls, done.stats["context"], kv_bytes))
+            tts = getattr(pipe, "tts", None)
+            if tts is not None and "tts_lm" in pipe.bundle.stages:  # LLaMA-Omni2's TTS LM: llama.cpp work too
+                text = len(done.tokens) + 1  # every fused text position, and <sep>
+                tts_work = llm_work(tts.lm.shape(), pipe.bundle.stages["tts_lm"].precision, text,
+                                    len(pipe.units.tts_tokens), text, kv_bytes)
+                work.setdefault("speech_generator", Work())
+                for w in tts_work.values():
+                    work["speech_generator"] += w
         for f in sorted(Path(tmp).glob("*.json")):
             stage = STAGE_OF_FILE.get(_PROFILE_NAME.sub("", f.name))
             if stage:

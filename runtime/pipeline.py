@@ -598,44 +598,38 @@ class Reply:
                         clock.waited("llm", hidden_ch.wait_drained(lambda: self.steady))
             out.put(_LLM_DONE)
 
-        def units_worker() -> None:
-            final = False
-            while not final:
-                (hidden, final), waited = hidden_ch.get()
-                clock.waited("speech_generator", waited)
-                for piece in pipe._speech_units(self, hidden, final):
-                    clock.waited("speech_generator", units_ch.put(piece))
-
         split = pipe.split_vocoder
         front_ch: Channel | None = Channel(size, token, "vocoder-front") if split else None
+
+        def consume(ch: Channel, stage: str, step: Callable[[object, bool], None], done: bool = False) -> None:
+            """A stage's loop: (payload, final) items off `ch` until the final one; `done`: then say so."""
+            final = False
+            while not final:
+                (payload, final), waited = ch.get()
+                clock.waited(stage, waited)
+                step(payload, final)
+            if done:
+                out.put(_VOC_DONE)
 
         def audio_out(wav: np.ndarray) -> None:
             if len(wav):
                 clock.waited("vocoder", out.put(AudioChunk(wav, pipe.sample_rate)))
 
-        def vocoder_worker() -> None:
-            final = False
-            while not final:
-                (units, final), waited = units_ch.get()
-                clock.waited("vocoder", waited)
-                if front_ch is not None:
-                    clock.waited("vocoder", front_ch.put((pipe._vocoder_front(self, units, final), final)))
-                else:
-                    audio_out(pipe._vocoder_step(self, units, final))
+        def units_step(hidden, final: bool) -> None:
+            for piece in pipe._speech_units(self, hidden, final):
+                clock.waited("speech_generator", units_ch.put(piece))
+
+        def vocoder_step(units, final: bool) -> None:
             if front_ch is None:
-                out.put(_VOC_DONE)
+                audio_out(pipe._vocoder_step(self, units, final))
+            else:  # the front part here, the back part on its own thread
+                clock.waited("vocoder", front_ch.put((pipe._vocoder_front(self, units, final), final)))
 
-        def vocoder_back_worker() -> None:
-            final = False
-            while not final:
-                (front, final), waited = front_ch.get()
-                clock.waited("vocoder", waited)
-                audio_out(pipe._vocoder_back(self, front, final))
-            out.put(_VOC_DONE)
-
-        workers = [("llm", llm_worker), ("units", units_worker), ("vocoder", vocoder_worker)]
-        if split:
-            workers.append(("vocoder-back", vocoder_back_worker))
+        workers = [("llm", llm_worker), ("units", lambda: consume(hidden_ch, "speech_generator", units_step)),
+                   ("vocoder", lambda: consume(units_ch, "vocoder", vocoder_step, done=front_ch is None))]
+        if front_ch is not None:
+            workers.append(("vocoder-back", lambda: consume(
+                front_ch, "vocoder", lambda front, final: audio_out(pipe._vocoder_back(self, front, final)), done=True)))
         for name, target in workers:
             t = threading.Thread(target=self._guard, args=(target,), name=f"omnilite-{name}", daemon=True)
             self.threads.append(t)

@@ -3,6 +3,9 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let ws = null, ctx = null, mic = null, player = null, current = null, speaking = null, turns = 0, receivedSeconds = 0;
+// The server builds its session at the first audio, with the rates it has by then: send none until
+// it has confirmed ours (session.updated), or it would lock the default rate and refuse our update.
+let configured = false;
 
 function toBase64(int16) {
   const bytes = new Uint8Array(int16.buffer, int16.byteOffset, int16.byteLength);
@@ -44,6 +47,7 @@ function onEvent(ev) {
         output: {format: {type: "audio/pcm", rate: ctx.sampleRate}}}}});
       break;
     case "session.updated":
+      configured = true;
       setStatus("listening: speak, then pause");
       break;
     case "input_audio_buffer.speech_started":
@@ -114,7 +118,8 @@ async function start() {
   ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/realtime`, protocols);
   ws.onmessage = (m) => onEvent(JSON.parse(m.data));
   ws.onclose = (e) => { if (ws) { setStatus(`disconnected (${e.code}${e.reason ? ": " + e.reason : ""})`); stop(); } };
-  capture.port.onmessage = (e) => send({type: "input_audio_buffer.append", audio: toBase64(e.data)});
+  configured = false;
+  capture.port.onmessage = (e) => { if (configured) send({type: "input_audio_buffer.append", audio: toBase64(e.data)}); };
   setStatus("connecting");
   $("stop").disabled = false;
 }

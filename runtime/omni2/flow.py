@@ -59,8 +59,11 @@ CACHED_ESTIMATOR = "flow_estimator_cached"  # optional stage (newer bundles): th
 # stream costs 0.63-0.65 s of flow per second of audio at 100 tokens, 0.78 at 150 (6 s), 0.47-0.48
 # at 50 (no past chunk), so a 2-core CPU keeps up with the TTS LM and HiFT only at 100 or less
 # (turn_latency: wall RTF 0.88-0.94 vs 1.04-1.06 at 150). The price is older context: mel SNR
-# against whole-utterance synthesis on the tiny random flow (a pessimistic case: near-uniform
-# attention) 20.3-22.6 dB at 100, 23.1-26.4 at 150, 15.9-17.2 at 50 (480 tokens).
+# against whole-utterance synthesis on random weights (a pessimistic case: near-uniform attention)
+# 20.3-22.6 dB at 100, 23.1-26.4 at 150, 15.9-17.2 at 50 (tiny, 480 tokens); at the real shape (int8,
+# 250 tokens, after the first hop) 21.8 dB at 100 vs 30.8 at 150
+# (benchmarks/results/omni2-flow-cache-0.5B-small-enc8-window.md). FlowStreamConfig(window_tokens=150)
+# keeps the longer context where the CPU has the time.
 DEFAULT_WINDOW_TOKENS = 100
 # Token context the encoder gets before the estimator's window, in chunks: the window's first frames
 # then get mu from tokens with left context (measured: less drift than 0; 2 gains nothing more).

@@ -57,7 +57,7 @@ class Omni2PipelineConfig(PipelineConfig):
     # Thread budget per phase (see `Pipeline._phase`): until the first audio sample, the LLM and the TTS
     # LM may use every core; then each stage goes back to its own share. False: fixed shares throughout.
     phase_threads: bool = True
-    vocoder: VocoderStreamConfig = field(default_factory=lambda: _default_vocoder())
+    vocoder: VocoderStreamConfig = field(default_factory=_default_vocoder)
 
 
 def as_omni2_config(config: PipelineConfig) -> Omni2PipelineConfig:
@@ -123,12 +123,6 @@ class _SpeechStream:
         with self._timed("hift"):
             wav = self.hift.push(mel) if mel.shape[1] else np.zeros(0, np.float32)
             return np.concatenate([wav, self.hift.flush()]) if final else wav
-
-    def push(self, units: list[int]) -> np.ndarray:
-        return self.audio(self.mel(units))
-
-    def flush(self) -> np.ndarray:
-        return self.audio(self.mel([], final=True), final=True)
 
 
 class _Null:
@@ -241,9 +235,4 @@ class Omni2Pipeline(Pipeline):
             return reply.stream.audio(mel, final)
 
     def _vocoder_step(self, reply, units: list[int], final: bool) -> np.ndarray:
-        reply.stream.clock = reply.clock
-        with reply.clock.stage("vocoder"):
-            wav = reply.stream.push(units)
-            if final:
-                wav = np.concatenate([wav, reply.stream.flush()])
-        return wav
+        return self._vocoder_back(reply, self._vocoder_front(reply, units, final), final)

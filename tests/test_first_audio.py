@@ -70,9 +70,22 @@ def hift(omni2_bundle):
     return HiFTVocoder(load_bundle(omni2_bundle))
 
 
+def test_hift_receptive_field_is_measured_not_bounded():
+    """The ring holds back HiFT's receptive field at every seam, so the bundle records the measured one
+    (15 frames at the released shape: mel 13.1, source 14.3), not the layer-by-layer bound (21)."""
+    import torch
+
+    from omnilite.export.omni2.hift import HiFT, HiFTConfig, measured_receptive_field, receptive_field_frames
+
+    torch.manual_seed(0)
+    c = HiFTConfig()
+    assert measured_receptive_field(HiFT(c).eval()) == 15 < receptive_field_frames(c) == 21
+
+
 # HiFT on random weights (tiny and real shape, two mel draws), first chunk of 34 frames: SNR of the
 # first chunk's audio against offline vocoding by first lookahead (frames), measured 2026-12-01:
-# 0: 13.0-13.9 dB, 3: 18.5-19.3, 5: 23.7-24.7, 8: 37.5-40.6, 12: 100.6-109.4 (float rounding).
+# 0: 13.0-13.9 dB, 3: 18.5-19.3, 5: 23.7-24.7, 8: 37.5-40.6, 12: 100.6-109.4 (the measured receptive
+# field is 15, so 12 cuts only the field's faint edge).
 FIRST_CHUNK_SNR_DB = 30.0
 
 
@@ -91,7 +104,7 @@ def test_hift_first_lookahead_keeps_the_seam(hift, first_lookahead):
     rest = [hs.push(mel[:, a:a + 50]) for a in range(34, 150, 50)] + [hs.flush()]
     audio = np.concatenate([first] + rest)
     held = hift.f0_context + config.first_lookahead
-    assert len(first) == (34 - held) * hift.hop  # exact lookahead would give (34 - 26) frames
+    assert len(first) == (34 - held) * hift.hop  # exact lookahead would give (34 - 20) frames
     assert len(audio) == len(offline)
     head = snr_db(offline[:len(first)], first)
     whole = snr_db(offline, audio)

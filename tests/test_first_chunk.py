@@ -87,7 +87,7 @@ def test_default_first_hop_is_short_and_keeps_the_seam(parts):
 def test_first_hop_sweep_is_exact_after_the_first_step(parts, first_hop):
     """Any first hop: the first flow step at first_hop + 3 tokens, every step after it on a chunk
     boundary, so only the first step's frames drift. (Audio needs more: HiFT holds back its f0
-    context and receptive field, 5 + 21 frames, so a 10-token first step's 20 frames give none yet.)"""
+    context and receptive field, 5 + 15 frames, so a 10-token first step's 20 frames give none yet.)"""
     flow, voc = parts
     units = _units(100)  # inside the 100-token window
     whole_mel = flow.offline(units)

@@ -45,7 +45,7 @@ from ..speech_encoder import PADDING_CACHE_FILE, encoder_manifest, padding_cache
 from .checkpoint import Omni2Checkpoint
 from .flow import CachedEstimatorStage, EstimatorStage, FlowEncoderStage, cache_layout
 from .gguf_qwen2 import write_qwen2_gguf
-from .hift import F0_RECEPTIVE_FIELD, HiFTF0, receptive_field_frames
+from .hift import F0_RECEPTIVE_FIELD, HiFTF0, measured_receptive_field
 from .reference import DEFAULT_MAX_TTS_TOKENS, Omni2ReferencePipeline
 from .tts import GateFusion
 
@@ -316,7 +316,7 @@ def _manifest(ckpt: Omni2Checkpoint, ref: Omni2ReferencePipeline, tmp: Path, opt
         "hift": {
             "hop": hc.hop,
             "sample_rate": hc.sampling_rate,
-            "receptive_field_frames": receptive_field_frames(hc),
+            "receptive_field_frames": measured_receptive_field(ref.hift),
             "f0_receptive_field": F0_RECEPTIVE_FIELD,
             "source": {
                 "harmonics": hc.nb_harmonics + 1,

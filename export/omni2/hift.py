@@ -283,9 +283,47 @@ class HiFTF0(nn.Module):
         return self.f0_predictor(mel)
 
 
+def measured_receptive_field(hift: "HiFTDecode", frames: int = 96) -> int:
+    """One-sided receptive field of the decode graph in mel frames, measured: one mel frame and one
+    frame of source in the middle of a random input are changed, and the farthest output sample
+    that changes at all (bit for bit: outside the field the same operations see the same values)
+    gives the field, rounded up. Frames vocoded with this much mel and source context on each side
+    equal whole-utterance ones exactly. At the released shape: 15 (mel 13.1, source 14.3 frames);
+    the layer-by-layer bound `receptive_field_frames` says 21, and every frame of context streaming
+    holds back is latency (the ring holds this many frames back at every seam)."""
+    hop = hift.c.hop
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(1, hift.c.in_channels, frames, generator=g)
+    source = 0.1 * torch.randn(1, frames * hop, generator=g)
+    p = frames // 2
+    reach = 0.0
+    nf = hift.c.n_fft // 2 + 1
+
+    def unclamped(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # forward without its clamps, which could hide a change
+        x = hift._body(m, hift.stft(s))
+        magnitude, phase = torch.exp(x[:, :nf].double()), torch.sin(x[:, nf:].double())
+        return hift.istft((magnitude * torch.cos(phase)).float(), (magnitude * torch.sin(phase)).float())
+
+    with torch.no_grad():
+        y0 = unclamped(mel, source)
+        for bumped in ("mel", "source"):
+            m, s = mel.clone(), source.clone()
+            if bumped == "mel":
+                m[0, :, p] += 3.0
+            else:
+                s[0, p * hop:(p + 1) * hop] += 0.5
+            changed = torch.nonzero((unclamped(m, s) - y0).reshape(-1)).reshape(-1)
+            lo, hi = int(changed.min()), int(changed.max())
+            reach = max(reach, p - lo / hop, (hi + 1) / hop - (p + 1))
+    field = math.ceil(reach)
+    if field >= p:
+        raise ValueError(f"HiFT's receptive field reaches the edge of the {frames}-frame probe; measure with more frames")
+    return field
+
+
 def receptive_field_frames(c: HiFTConfig) -> int:
-    """One-sided receptive field of the decode graph in mel frames (conservative, rounded up):
-    frames vocoded with this much mel and source context on each side equal whole-utterance ones."""
+    """An upper bound of the decode graph's one-sided receptive field in mel frames, layer by layer
+    (conservative, rounded up); `measured_receptive_field` is the exact one the bundle records."""
     radius = 3.0  # conv_pre k7, in frames
     rate = 1
     for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):

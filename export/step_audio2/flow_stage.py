@@ -28,7 +28,7 @@ from omnilite.runtime.step_audio2.flow import ENCODER_FILE, ESTIMATOR_FILE, NOIS
 from omnilite.runtime.step_audio2.vocoder import CONFIG_FILE, HIFT_F0_FILE, HIFT_FILE
 
 from ..onnx_export import export_onnx
-from ..omni2.hift import F0_RECEPTIVE_FIELD, HiFT, HiFTF0, receptive_field_frames
+from ..omni2.hift import F0_RECEPTIVE_FIELD, HiFT, HiFTF0, measured_receptive_field
 from .flow_reference import CHUNK_TOKENS, StepAudio2Flow, stream_schedule
 
 FLOW_FILES = (ENCODER_FILE, ESTIMATOR_FILE, NOISE_FILE, HIFT_F0_FILE, HIFT_FILE, CONFIG_FILE)
@@ -97,7 +97,7 @@ def runtime_config(flow: StepAudio2Flow, hift: HiFT) -> dict:
     return {
         "flow": {"mel_bins": c.output_size, "n_timesteps": c.n_timesteps, "pre_lookahead_len": c.pre_lookahead_len,
                  "chunk_tokens": CHUNK_TOKENS, "token_mel_ratio": c.up_stride},
-        "hift": {"hop": hc.hop, "sample_rate": hc.sampling_rate, "receptive_field_frames": receptive_field_frames(hc),
+        "hift": {"hop": hc.hop, "sample_rate": hc.sampling_rate, "receptive_field_frames": measured_receptive_field(hift),
                  "f0_receptive_field": F0_RECEPTIVE_FIELD,
                  "source": {"harmonics": hc.nb_harmonics + 1, "sine_amp": hc.nsf_alpha, "noise_std": hc.nsf_sigma,
                             "voiced_threshold": hc.nsf_voiced_threshold,

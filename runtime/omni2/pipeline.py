@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 FAMILY = "llama-omni2"
 # HiFT's lookahead for the first audio chunk only, in mel frames. Exact streaming holds back HiFT's
-# receptive field (21 frames, a bound from its layers) + the f0 predictor's context (5), so a 25-token
-# first flow hop gave 24 frames of audio. With 8 frames (what the official CosyVoice2 streaming holds
+# receptive field (15 frames, measured at export) + the f0 predictor's context (5), so a 25-token
+# first flow hop gave 30 frames of audio (24 with the old 21-frame bound). With 8 frames (what the official CosyVoice2 streaming holds
 # back at every seam), the first chunk's last frames miss a little right context and that one seam is
 # cross-faded: 38-41 dB against offline vocoding on random weights (tests/test_first_audio.py; 3
-# frames: 19 dB, 12 or more: float rounding); a 17-token first hop (two TTS writes) then gives 21 frames.
+# frames: 19 dB, 12: 100 dB, 15: exact); a 17-token first hop (two TTS writes) then gives 21 frames.
 FIRST_LOOKAHEAD_FRAMES = 8
 _QWEN_TURN_PREFIX = "<|im_end|>\n<|im_start|>user\n"
 

@@ -149,7 +149,6 @@ def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_ne
         rw = (pipe.config.read, pipe.config.write) if isinstance(pipe.config, Omni2PipelineConfig) else None
     peak_rss = peak_rss_bytes()
     longs: list[dict] = []
-    longs: list[dict] = []
     buffered: list[dict] = []
     if long_reply:  # the reply length sizes the pipeline's contexts, so the long replies get a pipeline of their own
         with Pipeline.load(bundle, base_config(bundle, encoder_mode, *long_reply)) as pipe:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -928,6 +929,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: `omnilite {args.command}` needs the Python package {e.name.partition('.')[0]!r}, which is not "
               f"installed; install it with `pip install 'omnilite[{extra}]'`.", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # other OS errors are named where they happen
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"error: the disk is full{where}; free space on it (exports and quantized bundles need a few times "
+              "the checkpoint's size) or write elsewhere, then run again; unfinished outputs were removed.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # 130: the shell's status for SIGINT
         print("error: interrupted (Ctrl-C); unfinished outputs were not written.", file=sys.stderr)

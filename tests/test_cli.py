@@ -107,3 +107,32 @@ def test_export_refuses_to_overwrite(tiny_checkpoint, bundle, capsys):
 def test_cli_exit_code_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "omnilite", "info", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_full_disk_is_one_sentence(bundle, tmp_path, capsys, monkeypatch):
+    """A full disk while writing the reply: exit 2, one sentence naming the problem and the fix, and no
+    half-written WAV (the write goes to a temp file that is removed)."""
+    import errno
+    import os
+
+    real_fdopen = os.fdopen
+
+    class _Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("omnilite.runtime.audio.os.fdopen", lambda fd, mode: _Full(real_fdopen(fd, mode)))
+    code = main(["run", str(bundle), "--input", str(QUESTION), "--output", str(tmp_path / "o.wav"), "--max-new-tokens", "2"])
+    assert code == 2
+    assert "the disk is full; free space on it" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []

@@ -447,7 +447,7 @@ _SHOW = {
     "llm": ("top1_agreement", "mean_kl", "max_kl", "hidden_cosine_min", "greedy_text_changed"),
     "decoder": ("logit_rel_error", "frame_agreement", "unit_agreement", "units_identical"),
     "tts": ("top1_agreement", "mean_kl", "max_kl", "greedy_token_agreement"),
-    "flow": ("mel_rel_error", "mel_rel_max_error", "mel_cosine_min"),
+    "flow": ("mel_rel_error", "mel_rel_max_error", "mel_cosine_min", "stream_mel_rel_error"),
     "vocoder": ("snr_db", "log_mel_distance_db", "duration_agreement"),
 }
 

@@ -7,7 +7,10 @@ shared encoder and LLM sections and the principle: each stage gets the reference
   KL(reference || quantized) of its next-token distributions, like the LLM. The agreement of the
   free-running greedy streams is reported too (one flip changes the rest, so it is not judged);
 * flow: the reference units through both flows (fixed noise, so deterministic); judged on the mel's
-  relative error ||mel_q - mel_ref|| / ||mel_ref||;
+  relative error ||mel_q - mel_ref|| / ||mel_ref|| of whole-utterance synthesis. The path a reply
+  runs, the pipeline's default stream (with the flow cache's stage where the bundle has it, whose
+  weights the whole solve never reads), is reported beside it: both bundles' streams on the same
+  units in the same writes, ``stream_mel_rel_error``;
 * vocoder (HiFT): the reference mel through both; waveform SNR and log-mel distance, as LLaMA-Omni's.
 """
 
@@ -60,6 +63,16 @@ def write_all(writer: _RecordingWriter, hidden: np.ndarray, tokens: list[int], r
         last = b == len(tokens)
         stream += writer.write(hidden[a:b], tokens[a:b], finished=last, max_new=max_final if last else write)
     return stream
+
+
+def _streamed(flow: FlowDecoder, units: list[int]) -> tuple[np.ndarray, bool]:
+    """The pipeline's default flow stream over `units` pushed a write (10 tokens) at a time: (mel,
+    whether it ran on the flow cache)."""
+    from omnilite.runtime.omni2.pipeline import Omni2PipelineConfig
+
+    fs = flow.stream(Omni2PipelineConfig().flow)
+    mel = [fs.push(units[a:a + 10]) for a in range(0, len(units), 10)] + [fs.flush()]
+    return np.concatenate(mel, axis=1), fs.cache is not None
 
 
 def _unit_vocab(bundle: Bundle) -> int:
@@ -124,6 +137,12 @@ def speech_sections(quantized: Bundle, reference: Bundle, run: ChainRun) -> tupl
         "units_source": "reference TTS LM" if flow_units is units_ref else "fixed sequence (reference TTS LM gave < 10)",
         "mel_frames": int(mel_ref.shape[1]),
     }
+    same_stream = same and _same_file(quantized, reference, "flow_estimator_cached")
+    mel_ref_s, cached_ref = _streamed(flow_ref, flow_units)
+    mel_q_s, cached_q = (mel_ref_s, cached_ref) if same_stream else _streamed(flow_q, flow_units)
+    metrics.update(stream_mel_rel_error=float(np.linalg.norm(mel_q_s.astype(np.float64) - mel_ref_s)
+                                              / max(np.linalg.norm(mel_ref_s.astype(np.float64)), 1e-30)),
+                   stream_cached=cached_q)
     stages["flow"] = {"stage": st, **_judge("flow", run.precisions[st], metrics, run.overrides, same)}
     log.info("accuracy: flow mel relative error %.4f", metrics["mel_rel_error"])
 

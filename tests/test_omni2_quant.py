@@ -55,6 +55,10 @@ def test_small_report_meets_every_tolerance(omni2_small):
     assert report["stages"]["tts"]["metrics"]["mean_kl"] > 0 and report["stages"]["flow"]["metrics"]["mel_rel_error"] > 0
     assert report["stages"]["vocoder"]["identical_file"]
     assert (report["input"]["read"], report["input"]["write"]) == (3, 10)
+    # The path a reply runs (the flow cache's own quantized stage) is reported, within the flow's limit too.
+    flow = report["stages"]["flow"]
+    assert flow["metrics"]["stream_cached"] and 0 < flow["metrics"]["stream_mel_rel_error"]
+    assert tolerance("flow", flow["precision"]).check({"mel_rel_error": flow["metrics"]["stream_mel_rel_error"]}) == []
 
 
 def test_small_manifest_precisions_are_the_presets(omni2_small, omni2_bundle):

@@ -65,13 +65,13 @@ def write_all(writer: _RecordingWriter, hidden: np.ndarray, tokens: list[int], r
     return stream
 
 
-def _streamed(flow: FlowDecoder, units: list[int]) -> tuple[np.ndarray, bool]:
-    """The pipeline's default flow stream over `units` pushed a write (10 tokens) at a time: (mel,
-    whether it ran on the flow cache)."""
+def _streamed(flow: FlowDecoder, units: list[int], write: int) -> tuple[np.ndarray, bool]:
+    """The pipeline's default flow stream over `units` pushed a write (`write` tokens) at a time:
+    (mel, whether it ran on the flow cache)."""
     from omnilite.runtime.omni2.pipeline import Omni2PipelineConfig
 
     fs = flow.stream(Omni2PipelineConfig().flow)
-    mel = [fs.push(units[a:a + 10]) for a in range(0, len(units), 10)] + [fs.flush()]
+    mel = [fs.push(units[a:a + write]) for a in range(0, len(units), write)] + [fs.flush()]
     return np.concatenate(mel, axis=1), fs.cache is not None
 
 
@@ -137,9 +137,10 @@ def speech_sections(quantized: Bundle, reference: Bundle, run: ChainRun) -> tupl
         "units_source": "reference TTS LM" if flow_units is units_ref else "fixed sequence (reference TTS LM gave < 10)",
         "mel_frames": int(mel_ref.shape[1]),
     }
-    same_stream = same and _same_file(quantized, reference, "flow_estimator_cached")
-    mel_ref_s, cached_ref = _streamed(flow_ref, flow_units)
-    mel_q_s, cached_q = (mel_ref_s, cached_ref) if same_stream else _streamed(flow_q, flow_units)
+    cached = "flow_estimator_cached"
+    same_stream = same and (cached not in reference.stages or _same_file(quantized, reference, cached))
+    mel_ref_s, cached_ref = _streamed(flow_ref, flow_units, write)
+    mel_q_s, cached_q = (mel_ref_s, cached_ref) if same_stream else _streamed(flow_q, flow_units, write)
     metrics.update(stream_mel_rel_error=float(np.linalg.norm(mel_q_s.astype(np.float64) - mel_ref_s)
                                               / max(np.linalg.norm(mel_ref_s.astype(np.float64)), 1e-30)),
                    stream_cached=cached_q)

@@ -31,7 +31,7 @@ from omnilite.runtime.fun_audio_chat.pipeline import FunAudioChatConfig, FunAudi
 from omnilite.runtime.fun_audio_chat.speech_head import HeadSpec, SpeechHead
 from omnilite.runtime.fun_audio_chat.vocoder import OnnxVocoder
 from omnilite.runtime.llm import LLMConfig, LlamaCppLLM, stage_llm_config
-from omnilite.runtime.metrics import relative_max_error, snr_db
+from omnilite.runtime.metrics import relative_l2_error, relative_max_error, snr_db
 from omnilite.runtime.onnx_session import SessionOptions
 
 from .accuracy import (AccuracyOptions, _judge, _same_file, _stage_of, audio_comparison, encoder_report, fixed_units,
@@ -153,8 +153,7 @@ def fun_audio_chat_sections(quantized: Bundle, reference: Bundle, speech: np.nda
     codes = codes_ref if enough else fixed_units(60, vocab=int(reference["speech"]["vocoder_codes"]))
     mel_ref = voc_ref.mel(codes)
     mel_q = mel_ref if same_flow else voc_q.mel(codes)
-    diff = mel_q.astype(np.float64) - mel_ref
-    metrics = {"mel_rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(mel_ref.astype(np.float64)), 1e-30)),
+    metrics = {"mel_rel_error": relative_l2_error(mel_ref, mel_q),
                "mel_rel_max_error": relative_max_error(mel_ref, mel_q), "codes": len(codes),
                "codes_source": "reference reply" if enough else f"fixed sequence (the reference reply held {len(codes_ref)} codes)"}
     st = _stage_of(quantized, "flow")

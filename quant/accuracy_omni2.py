@@ -22,7 +22,7 @@ import numpy as np
 
 from omnilite.runtime.bundle import Bundle
 from omnilite.runtime.llm import stage_llm_config
-from omnilite.runtime.metrics import relative_max_error, snr_db
+from omnilite.runtime.metrics import relative_l2_error, relative_max_error, snr_db
 from omnilite.runtime.omni2.flow import FlowDecoder
 from omnilite.runtime.omni2.hift import HiFTVocoder
 from omnilite.runtime.omni2.tts import TTSWriter
@@ -123,27 +123,25 @@ def speech_sections(quantized: Bundle, reference: Bundle, run: ChainRun) -> tupl
     # Flow ----------------------------------------------------------------------------------------
     st = _stage_of(quantized, "flow")
     same = all(_same_file(quantized, reference, s) for s in ("flow_encoder", "flow_estimator"))
+    cached = "flow_estimator_cached"
+    same_stream = same and (cached not in reference.stages or _same_file(quantized, reference, cached))
     flow_ref = FlowDecoder(reference, run.ort_opts)
-    flow_q = flow_ref if same else FlowDecoder(quantized, run.ort_opts)
+    flow_q = flow_ref if same_stream else FlowDecoder(quantized, run.ort_opts)
     flow_units = units_ref if len(units_ref) >= 10 else fixed_units(vocab=_unit_vocab(reference))
     mel_ref = flow_ref.offline(flow_units)
     mel_q = mel_ref if same else flow_q.offline(flow_units)
     diff = mel_q.astype(np.float64) - mel_ref
     metrics = {
-        "mel_rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(mel_ref.astype(np.float64)), 1e-30)),
+        "mel_rel_error": relative_l2_error(mel_ref, mel_q),
         "mel_rel_max_error": relative_max_error(mel_ref, mel_q),
         "mel_mean_abs_error": float(np.mean(np.abs(diff))),
         "units": len(flow_units),
         "units_source": "reference TTS LM" if flow_units is units_ref else "fixed sequence (reference TTS LM gave < 10)",
         "mel_frames": int(mel_ref.shape[1]),
     }
-    cached = "flow_estimator_cached"
-    same_stream = same and (cached not in reference.stages or _same_file(quantized, reference, cached))
-    mel_ref_s, cached_ref = _streamed(flow_ref, flow_units, write)
-    mel_q_s, cached_q = (mel_ref_s, cached_ref) if same_stream else _streamed(flow_q, flow_units, write)
-    metrics.update(stream_mel_rel_error=float(np.linalg.norm(mel_q_s.astype(np.float64) - mel_ref_s)
-                                              / max(np.linalg.norm(mel_ref_s.astype(np.float64)), 1e-30)),
-                   stream_cached=cached_q)
+    mel_ref_s, on_cache = _streamed(flow_ref, flow_units, write)
+    mel_q_s, on_cache = (mel_ref_s, on_cache) if same_stream else _streamed(flow_q, flow_units, write)
+    metrics.update(stream_mel_rel_error=relative_l2_error(mel_ref_s, mel_q_s), stream_cached=on_cache)
     stages["flow"] = {"stage": st, **_judge("flow", run.precisions[st], metrics, run.overrides, same)}
     log.info("accuracy: flow mel relative error %.4f", metrics["mel_rel_error"])
 

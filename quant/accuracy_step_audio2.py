@@ -23,7 +23,7 @@ import logging
 import numpy as np
 
 from omnilite.runtime.bundle import Bundle
-from omnilite.runtime.metrics import relative_max_error, snr_db
+from omnilite.runtime.metrics import relative_l2_error, relative_max_error, snr_db
 from omnilite.runtime.onnx_session import SessionOptions
 from omnilite.runtime.step_audio2.pipeline import PieceMels, StepAudio2Encoder
 from omnilite.runtime.step_audio2.vocoder import Token2Wav, VoicePrompt
@@ -90,7 +90,7 @@ def step_audio2_sections(quantized: Bundle, reference: Bundle, speech: np.ndarra
     mel_q = mel_ref if same_flow else _streamed_mel(t2w_q, prompt, codes)
     diff = mel_q.astype(np.float64) - mel_ref
     metrics = {
-        "mel_rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(mel_ref.astype(np.float64)), 1e-30)),
+        "mel_rel_error": relative_l2_error(mel_ref, mel_q),
         "mel_rel_max_error": relative_max_error(mel_ref, mel_q),
         "mel_mean_abs_error": float(np.mean(np.abs(diff))),
         "codes": len(codes), "codes_source": source, "mel_frames": int(mel_ref.shape[1]),

@@ -23,6 +23,12 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
 
 
+def relative_l2_error(reference: np.ndarray, test: np.ndarray) -> float:
+    """||test - reference|| / ||reference||, in float64."""
+    reference, test = np.asarray(reference, np.float64), np.asarray(test, np.float64)
+    return float(np.linalg.norm(test - reference) / max(float(np.linalg.norm(reference)), 1e-30))
+
+
 def relative_max_error(reference: np.ndarray, test: np.ndarray) -> float:
     reference, test = np.asarray(reference, np.float64), np.asarray(test, np.float64)
     return float(np.max(np.abs(reference - test)) / max(float(np.max(np.abs(reference))), 1e-30))

@@ -235,6 +235,9 @@ class SpeechEncoder:
     def mel(self, audio_16k: np.ndarray, mode: "str | EncoderMode | None" = None) -> EncoderInput:
         """The log-mel of every window the mode encodes (numpy; cheap next to the encoder)."""
         m = self.resolve(mode)
+        if np.ndim(audio_16k) != 1:  # a (samples, channels) array would be windowed as a matrix (OOM)
+            raise OmniliteError(f"the speech encoder takes 16 kHz mono samples as a 1-D array, got shape "
+                                f"{np.shape(audio_16k)}; mix it down first (omnilite.runtime.audio.to_mono).")
         if len(audio_16k) > N_SAMPLES:
             log.warning("audio is %.1f s; the encoder sees only the first 30 s", len(audio_16k) / SAMPLE_RATE)
         windows = m.windows(len(audio_16k), self.quantum, self.max_frames * HOP)

@@ -93,6 +93,14 @@ def test_exact_mode_is_the_trained_input_and_keeps_parity(bundle, encoder, refer
     assert parity["ok"] and set(parity["rel_max_error"]) == set(ENCODER_MODES)
 
 
+def test_multichannel_audio_is_refused_with_one_sentence(encoder, question_16k):
+    """A (samples, channels) array (what read_wav returns) used to be windowed as a matrix until the
+    process ran out of memory; it is refused with a sentence naming the fix."""
+    with pytest.raises(OmniliteError, match=r"^the speech encoder takes 16 kHz mono samples as a 1-D array, got shape "
+                                            r"\(\d+, 1\); mix it down first \(omnilite.runtime.audio.to_mono\)\.$"):
+        encoder(question_16k[:, None])
+
+
 def test_padded_windows_see_exact_modes_mel_frames(encoder, question_16k):
     """Padding before the STFT: a tail window's frames are exact mode's first frames."""
     exact = encoder.mel(question_16k, "exact").mels[0]

@@ -236,3 +236,17 @@ def host_figures(int8_per_fp32: float, seconds: float = 1.0) -> Figures:
         reps += 1
     gbps = 2 * src.nbytes * reps / (time.perf_counter() - t) / 1e9  # read + write
     return Figures(gflops, gflops * int8_per_fp32, gbps, "measured on this host (numpy GEMM and copy)")
+
+
+def host_speed(seconds: float = 0.5) -> dict:
+    """This instance's speed, recorded next to the CPU kind: two machines of one kind (same model and
+    features) differed 2x in every vectorised stage, PyTorch's included, so absolute seconds from
+    different runs compare only together with these."""
+    f = host_figures(1.0, seconds)
+    return {"fp32_gemm_gflops": round(f.fp32_gflops, 1), "copy_gbps": round(f.bandwidth_gbps, 1)}
+
+
+def describe_speed(speed: dict | None) -> str:
+    if not speed:
+        return "not measured"
+    return f"fp32 GEMM {speed['fp32_gemm_gflops']:.0f} GFLOP/s, copy {speed['copy_gbps']:.1f} GB/s (numpy, every core)"

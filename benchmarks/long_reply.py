@@ -24,6 +24,7 @@ from omnilite import __version__
 from omnilite.devices.host import describe_cpu, detect_host
 from omnilite.runtime import Pipeline
 
+from .cost import describe_speed, host_speed
 from .report import write_report
 from .streaming import package_versions
 from .turn_latency import DATA, _first_chunk, base_config, one_turn
@@ -35,6 +36,7 @@ ROLES = {"llm_decode": "llm", "speech_generator": "speech_generator", "flow": "v
 
 def run(bundles: list[Path], rounds: int, reply: tuple[int, int]) -> dict:
     host = detect_host()
+    speed = host_speed()
     pipes: dict[str, Pipeline] = {}
     try:
         for b in bundles:
@@ -52,14 +54,16 @@ def run(bundles: list[Path], rounds: int, reply: tuple[int, int]) -> dict:
     finally:
         for pipe in pipes.values():
             pipe.close()
-    return {"schema": SCHEMA, "omnilite": __version__, "cpu": host.cpu_record(), "packages": package_versions(),
+    return {"schema": SCHEMA, "omnilite": __version__, "cpu": host.cpu_record(), "host_speed": speed, "packages": package_versions(),
             "rounds": rounds, "reply": {"max_new_tokens": reply[0], "tts_tokens": reply[1]}, "threads": threads, "runs": runs}
 
 
 def markdown(report: dict) -> str:
     cores = report["cpu"]["physical_cores"]
     lines = ["# Long reply: steady state", "",
-             f"- CPU: {describe_cpu(report['cpu'])}", f"- omnilite {report['omnilite']}; {report['rounds']} interleaved rounds; "
+             f"- CPU: {describe_cpu(report['cpu'])}",
+             f"- Host speed this run: {describe_speed(report.get('host_speed'))}",
+             f"- omnilite {report['omnilite']}; {report['rounds']} interleaved rounds; "
              f"replies forced to {report['reply']['max_new_tokens']} text tokens + at most {report['reply']['tts_tokens']} "
              "speech tokens after the text; the bundled 3.6 s question at real time, Silero VAD, the defaults.",
              "- Busy: a stage's seconds of work per second of audio (p50); cores: busy x the stage's threads after "

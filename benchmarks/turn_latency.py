@@ -49,6 +49,7 @@ from omnilite.runtime.omni2.pipeline import FIRST_LOOKAHEAD_FRAMES, Omni2Pipelin
 from omnilite.runtime.pipeline import FIRST_OMEGA
 from omnilite.runtime.session import Session, SessionConfig
 
+from .cost import describe_speed, host_speed
 from .memory import peak_rss_bytes, reset_peak_rss
 from .report import write_report
 from .streaming import package_versions
@@ -134,6 +135,7 @@ def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_ne
     host = detect_host()
     settings = {"baseline": (False, False), "speculative": (True, False), "first-chunk": (False, True),
                 "both": (True, True)}
+    speed = host_speed()
     reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp, Pipeline.load(bundle, base) as pipe:
         questions = {"short": DATA / "question.wav", "long": long_question(Path(tmp) / "long.wav")}
@@ -159,7 +161,7 @@ def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_ne
                     buffered.append(one_turn(pipe, DATA / "question.wav", True, pace, start_buffer_s))
     report = {"schema": SCHEMA, "omnilite": __version__, "bundle": str(bundle), "family": family, "encoder_mode": mode,
               "rounds": rounds, "pace": pace, "max_new_tokens": max_new_tokens, "tts_tokens": tts_tokens,
-              "cpu": host.cpu_record(), "threads": base.stage_threads, "pipeline_mode": base.mode, "packages": package_versions(),
+              "cpu": host.cpu_record(), "host_speed": speed, "threads": base.stage_threads, "pipeline_mode": base.mode, "packages": package_versions(),
               "peak_rss_mb": peak_rss / 2**20, "results": results}
     if long_reply:
         report["long_reply"] = {"max_new_tokens": long_reply[0], "tts_tokens": long_reply[1], "runs": longs}
@@ -243,6 +245,7 @@ def markdown(report: dict) -> str:
              + (f" (+ at most {report['tts_tokens']} speech tokens after the text)" if report["family"] == "llama-omni2" else "")
              + f"; omnilite {report['omnilite']}",
              f"- CPU: {describe_cpu(report['cpu'])}; threads per stage {report.get('threads')}, {report.get('pipeline_mode')} pipeline",
+             f"- Host speed this run: {describe_speed(report.get('host_speed'))}",
              f"- Peak RSS of the omnilite process (bundle loaded, every turn): {report.get('peak_rss_mb', 0):.0f} MiB",
              "- TTFA: last speech sample to the first reply sample taken by the speaker, the 600 ms endpointer "
              "hangover included (Session timing). Ratios are against `baseline` in the same run.", ""]

@@ -8,8 +8,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from omnilite.benchmarks.cost import (EFFICIENCY, Figures, Work, estimate, llm_work, measure_work, node_flops,
-                                      share_before_first_audio, stage_seconds)
+from omnilite.benchmarks.cost import (EFFICIENCY, Figures, Work, describe_speed, estimate, host_speed, llm_work,
+                                      measure_work, node_flops, share_before_first_audio, stage_seconds)
 from omnilite.cli import main
 from omnilite.export.unit_vocoder import FrameVocoder
 from omnilite.runtime import PipelineConfig
@@ -111,3 +111,14 @@ def test_llama_omni2_work_counts_the_flow_and_hift(omni2_bundle, question_16k):
                               question_16k, 16000)
     assert len(done.audio) > 0
     assert work["vocoder"].flops_fp32 > 0 and work["vocoder"].nodes > 0 and work["speech_generator"].calls > 0
+
+
+def test_host_speed_is_recorded_and_rendered_from_the_record():
+    """Latency reports carry the instance's speed next to the CPU kind (one kind ran 2x apart on two
+    machines); the line is rendered from the stored record, so a report re-rendered from JSON says the same."""
+    speed = host_speed(seconds=0.1)
+    assert set(speed) == {"fp32_gemm_gflops", "copy_gbps"} and all(v > 0 for v in speed.values())
+    assert json.loads(json.dumps(speed)) == speed
+    assert describe_speed({"fp32_gemm_gflops": 162.4, "copy_gbps": 21.66}) == \
+        "fp32 GEMM 162 GFLOP/s, copy 21.7 GB/s (numpy, every core)"
+    assert describe_speed(None) == "not measured"  # reports written before the field existed

@@ -161,7 +161,8 @@ def run(bundle: Path, rounds: int, pace: float, encoder_mode: str | None, max_ne
                     buffered.append(one_turn(pipe, DATA / "question.wav", True, pace, start_buffer_s))
     report = {"schema": SCHEMA, "omnilite": __version__, "bundle": str(bundle), "family": family, "encoder_mode": mode,
               "rounds": rounds, "pace": pace, "max_new_tokens": max_new_tokens, "tts_tokens": tts_tokens,
-              "cpu": host.cpu_record(), "host_speed": speed, "threads": base.stage_threads, "pipeline_mode": base.mode, "packages": package_versions(),
+              "cpu": host.cpu_record(), "host_speed": speed, "threads": base.stage_threads, "pipeline_mode": base.mode,
+              "packages": package_versions(),
               "peak_rss_mb": peak_rss / 2**20, "results": results}
     if long_reply:
         report["long_reply"] = {"max_new_tokens": long_reply[0], "tts_tokens": long_reply[1], "runs": longs}

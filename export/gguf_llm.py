@@ -142,6 +142,11 @@ def writer_tokens(tok: dict, vocab_size: int) -> list[str]:
     return _vocab(tok, vocab_size)[0]
 
 
+def ids_past_rows(tok: dict, vocab_size: int) -> list[str]:
+    """The names of tokenizer ids that have no embedding row (a tokenizer of another model)."""
+    return _vocab(tok, vocab_size)[2]
+
+
 def add_bpe_vocab(writer: gguf.GGUFWriter, tok: dict, vocab_size: int, pre: str) -> list[str]:
     """A byte-level BPE tokenizer.json -> GGUF "gpt2" vocabulary with llama.cpp pre-tokenizer `pre`.
     The token list has exactly one entry per embedding row (llama.cpp refuses anything else); the

@@ -34,6 +34,27 @@ def test_manifest_stages_hashes_and_parity(omni2_bundle):
     assert p["hift"]["snr_db"] >= 40.0
 
 
+def test_tts_lm_carries_no_vocabulary_and_keeps_every_row(omni2_bundle, omni2_checkpoint):
+    """The TTS LM takes ids and embeddings only, so its GGUF leaves the BPE vocabulary out (llama.cpp
+    would build its tables at load); the logits still cover every row (greedy parity: the test below)."""
+    from gguf import GGUFReader
+
+    from omnilite.runtime.llm import LlamaCppLLM
+
+    def tokenizer_model(path):
+        f = GGUFReader(path).fields["tokenizer.ggml.model"]
+        return bytes(f.parts[f.data[0]]).decode()
+
+    assert tokenizer_model(omni2_bundle / "tts_lm.gguf") == "none"
+    assert tokenizer_model(omni2_bundle / "llm.gguf") == "gpt2"  # the LLM's text is detokenized
+    rows = json.loads((omni2_checkpoint / "models" / "LLaMA-Omni2-0.5B" / "config.json").read_text())["speech_generator"]["vocab_size"]
+    lm = LlamaCppLLM(omni2_bundle / "tts_lm.gguf")
+    try:
+        assert lm.n_vocab == rows and lm.eval_tokens([rows - 1], want_last=True)[0].shape == (rows,)
+    finally:
+        lm.close()
+
+
 def test_encoder_on_the_spoken_question(omni2_bundle, omni2_reference, question_16k):
     _, ref = omni2_reference.speech_embeddings(question_16k)
     got = SpeechEncoder(load_bundle(omni2_bundle))(question_16k)

@@ -3,7 +3,10 @@ where the bytes live changes, never the results."""
 
 from __future__ import annotations
 
+import gc
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -38,6 +41,29 @@ def test_sessions_run_without_arena_and_give_the_same_outputs(model_path):
     assert arena.get_session_options().enable_cpu_mem_arena is True
     for _ in range(2):  # the second run reuses the arena (and its memory pattern)
         np.testing.assert_array_equal(plain.run(None, {"x": x})[0], arena.run(None, {"x": x})[0])
+
+
+def _anon_mib() -> float:
+    return int(re.search(r"RssAnon:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_sessions_share_one_arena_and_hold_one_peak_instead_of_two(model_path):
+    """Two stages run one after the other: with their own arenas each keeps its peak's chunks, with
+    the shared arena the second reuses the first's. Same outputs either way."""
+    x = np.random.default_rng(2).standard_normal((12000, 64)).astype(np.float32)  # 47 MiB intermediates
+    growth, outputs = {}, {}
+    for shared in (False, True):
+        gc.collect()
+        before = _anon_mib()
+        sessions = [open_session(model_path, SessionOptions(intra_op_threads=1, shared_arena=shared)) for _ in range(2)]
+        outputs[shared] = [s.run(None, {"x": x})[0] for s in sessions]
+        growth[shared] = _anon_mib() - before
+        del sessions
+    for a, b in zip(outputs[False], outputs[True]):
+        np.testing.assert_array_equal(a, b)
+    # Own arenas: two peaks (>= 2 x 47 MiB); shared: about one.
+    assert growth[False] > 90 and growth[True] < 0.7 * growth[False], growth
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")

@@ -5,7 +5,7 @@ Stages and files:
 * ``encoder.onnx``          Whisper encoder + concat adapter (dynamic length)
 * ``encoder_padding.npy``   its output for a 30 s window of padding (what ``+fill`` encoder modes splice in)
 * ``llm.gguf``              Qwen2.5 LLM + tokenizer (llama.cpp)
-* ``tts_lm.gguf``           TTS LM + TTS tokenizer; it takes fused inputs as raw embedding batches
+* ``tts_lm.gguf``           TTS LM without a vocabulary (ids in); it takes fused inputs as raw embedding batches
 * ``tts_fusion.onnx``       input_proj + gate: (LLM hidden, TTS text embedding) -> fused TTS input
 * ``tts_text_embed.npy``    the TTS LM's input-embedding rows for the LLM's token ids (memory-mapped
                             by the runtime: llama.cpp has no embedding lookup to call)
@@ -148,7 +148,7 @@ def _build(ckpt: Omni2Checkpoint, speaker: np.ndarray, tmp: Path, options: Omni2
                      dtype=options.llm_dtype, name=ckpt.model_dir.name, what="Qwen2.5 LLM", progress=options.progress)
     write_qwen2_gguf(ckpt.qwen_tensors("speech_generator.model.", ckpt.tts_config), ckpt.config["speech_generator"], ckpt.tts_tokenizer_dir,
                      tmp / "tts_lm.gguf", eos_id=ref.tts_eos, dtype=options.llm_dtype, name=ckpt.model_dir.name + "-tts", what="TTS LM",
-                     progress=options.progress)
+                     progress=options.progress, vocabulary=False)
     steps.update()
 
     step("tables")

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 class SessionOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0  # 0: let onnxruntime decide
-    # onnxruntime's CPU memory arena keeps every chunk it grew to for the life of the session (a
-    # session per stage, each at its own peak), and grows by powers of two. Off, activations are
+    # onnxruntime's CPU memory arena keeps every chunk it grew to (by powers of two) for the life of
+    # its sessions; `shared_arena` makes that one arena for all of them. Off, activations are
     # malloc'd and freed per run: the LLaMA-Omni2 0.5B real-shape turn's anonymous memory grew ~200 MiB
     # less over three turns (with runtime/memory.py's fixed mmap threshold). But off together with
     # that threshold, every large activation is a fresh mmap: the Fun-Audio-Chat real-shape flow
@@ -42,9 +42,10 @@ def shared_cpu_arena() -> bool:
 
     Each session's own arena keeps the chunks of its largest run for its lifetime, so a pipeline of
     stages holds the sum of their peaks; one shared arena lets the next stage reuse a finished stage's
-    chunks. It grows by powers of two like a session's own: growing by exactly what is asked peaked
-    lower still, but made the flow's Euler solve 15% slower (real 0.5B shape, same process,
-    interleaved), while powers of two ran every stage at the speed of its own arena (0.96-1.00x).
+    chunks (LLaMA-Omni2 0.5B real shape, turn_latency's phase: peak 2157 vs 2345 MiB, together with
+    the vocabulary-less TTS LM). It grows by powers of two like a session's own: growing by exactly
+    what is asked made the flow's Euler solve 15% slower (same process, interleaved), while powers of
+    two ran encoder, flow and HiFT at 0.96-1.00x of their own arenas' time.
     onnxruntime's environment is per process, so this is too; True when the arena is registered."""
     global _shared_arena
     if _shared_arena is None:

@@ -87,13 +87,12 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int
     if extra:
         raise CheckpointError(f"{tokenizer_dir} has {len(extra)} token ids beyond the model's {vocab_size} embedding rows; "
                               "the tokenizer does not belong to this model.")
+    writer.add_eos_token_id(int(eos_id))
     if not vocabulary:
         writer.add_tokenizer_model("none")
-        writer.add_eos_token_id(int(eos_id))
         return
     tokens = writer_tokens(tok, vocab_size)
     add_bpe_vocab(writer, tok, vocab_size, pre="qwen2")
-    writer.add_eos_token_id(int(eos_id))
     by_text = {t: i for i, t in enumerate(tokens)}
     pad = cfg.get("pad_token")
     if isinstance(pad, str) and pad in by_text:

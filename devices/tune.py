@@ -13,7 +13,7 @@ pipeline mode per stage.
 Candidates per role (`quant.presets.FAMILY_ROLES`), never above the source's precision:
 * ONNX roles: fp32, fp16 (only if onnxruntime's CPU path runs it), int8, int4 (not the vocoder:
   MatMulNBits does not cover convolutions);
-* GGUF roles (LLM, TTS LM): F32, F16, BF16, Q8_0, Q4_K_M (IQ4_NL and Q4_0 only when `--only` names
+* GGUF roles (LLM, TTS LM): F32, F16, BF16, Q8_0, Q6_K, Q4_K_M (IQ4_NL and Q4_0 only when `--only` names
   them: they prefill fastest on x86, but on trained weights cost 4-6x Q4_K_M's KL, which the tiny
   report judged here cannot show: benchmarks/results/quant_real_weights.md), each with llama.cpp's flash
   attention on and off (F32 only off: that is the exact path); BF16 only where the CPU computes bf16
@@ -61,7 +61,11 @@ from .host import HostInfo
 log = logging.getLogger(__name__)
 
 ONNX_CANDIDATES = ("fp32", "fp16", "int8", "int4")
-GGUF_CANDIDATES = ("F32", "F16", "BF16", "Q8_0", "Q4_K_M")
+# Q6_K: at Qwen2.5-0.5B's 896-wide rows llama.cpp stores it as Q8_0 plus Q6_K ffn_down, which on a
+# 2-core AVX-512 EPYC prefilled faster than Q4_K_M's Q5_0 rows (1.57 vs 2.04 s, 305 positions) and
+# decoded the TTS LM faster (26.0 vs 30.5 ms a token, one thread), at ~1/5 of Q4_K_M's KL on trained
+# weights (benchmarks/results/quant_real_weights.md) and ~27% more memory.
+GGUF_CANDIDATES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q4_K_M")
 NATIVE_ONLY = {"BF16"}  # GGUF candidates tried by default only where the CPU computes bf16 natively
 # The PipelineConfig.stage_threads key each role's threads go to (LLaMA-Omni2's flow and HiFT are
 # its "vocoder" stage, its TTS LM and fusion the "speech_generator" stage).

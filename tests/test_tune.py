@@ -235,10 +235,10 @@ def test_gguf_candidates_include_bf16_only_with_native_bf16(bundle):
     src = load_bundle(bundle, verify=False)
     have = src.stages["llm"].precision  # the source's own file comes first
     native, notes = _candidate_precisions(src, TuneConfig(), _host({"avx512f", "avx512_bf16"}))
-    assert native["llm"] == [have, "F16", "BF16", "Q8_0", "Q4_K_M"]
+    assert native["llm"] == [have, "F16", "BF16", "Q8_0", "Q6_K", "Q4_K_M"]
     assert [n for n in notes if "BF16" in n] == ["GGUF BF16: tried for llm; this CPU has native bf16 (avx512_bf16)"]
     emulated, notes = _candidate_precisions(src, TuneConfig(), _host({"avx512f"}))
-    assert emulated["llm"] == [have, "F16", "Q8_0", "Q4_K_M"]
+    assert emulated["llm"] == [have, "F16", "Q8_0", "Q6_K", "Q4_K_M"]
     assert [n for n in notes if "BF16" in n] == [
         "GGUF BF16: not tried; this CPU has no native bf16 (lacks avx512_bf16 and amx_bf16), so llama.cpp would "
         "emulate bf16 through f32 conversions; `--only llm=BF16` times it anyway"]

@@ -55,7 +55,8 @@ def run(bundles: list[Path], rounds: int, reply: tuple[int, int]) -> dict:
         for pipe in pipes.values():
             pipe.close()
     return {"schema": SCHEMA, "omnilite": __version__, "cpu": host.cpu_record(), "host_speed": speed,
-            "packages": package_versions(), "rounds": rounds, "reply": {"max_new_tokens": reply[0], "tts_tokens": reply[1]}, "threads": threads, "runs": runs}
+            "packages": package_versions(), "rounds": rounds, "reply": {"max_new_tokens": reply[0], "tts_tokens": reply[1]},
+            "threads": threads, "runs": runs}
 
 
 def markdown(report: dict) -> str:

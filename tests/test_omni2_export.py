@@ -47,7 +47,8 @@ def test_tts_lm_carries_no_vocabulary_and_keeps_every_row(omni2_bundle, omni2_ch
 
     assert tokenizer_model(omni2_bundle / "tts_lm.gguf") == "none"
     assert tokenizer_model(omni2_bundle / "llm.gguf") == "gpt2"  # the LLM's text is detokenized
-    rows = json.loads((omni2_checkpoint / "models" / "LLaMA-Omni2-0.5B" / "config.json").read_text())["speech_generator"]["vocab_size"]
+    config = json.loads((omni2_checkpoint / "models" / "LLaMA-Omni2-0.5B" / "config.json").read_text())
+    rows = config["speech_generator"]["vocab_size"]
     lm = LlamaCppLLM(omni2_bundle / "tts_lm.gguf")
     try:
         assert lm.n_vocab == rows and lm.eval_tokens([rows - 1], want_last=True)[0].shape == (rows,)
